@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from apr_numba.cli.main import main
 
 sys.exit(main())

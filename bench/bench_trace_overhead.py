@@ -1,6 +1,6 @@
 """What the stage capture costs when it is off (and when it is on), measured on decode.
 
-Tracing lives inside the compiled forward (:func:`apr_numba.forward.forward`): every stage is followed
+Tracing lives inside the compiled forward (:func:`apr_numba.backends.cpu_forward.forward`): every stage is followed
 by ``_cap(trace_off, trace_buf, stage, layer, array)``, which returns at once when the stage's offset is
 -1. The normal, untraced path *is* that code with an all -1 table (``Model.no_debug``), so "normal" and
 "all -1 table" are the same thing; to show what the capture code's existence costs, this script also
@@ -10,7 +10,7 @@ attention / silu / final-norm capture branches) and compares the three, interlea
 * ``stripped``: the forward without any capture code (compiled here, not cached);
 * ``untraced``: the real forward, all -1 table (what ``apr-numba run`` executes);
 * ``traced``: the real forward capturing all stages of all layers at every step (buffer allocated per
-  step, as ``apr_numba.trace`` does).
+  step, as ``apr_numba.debug.trace`` does).
 
 Usage::
 
@@ -35,10 +35,10 @@ import numpy as np
 
 
 def stripped_forward():
-    """The forward of apr_numba.forward compiled from its source with every capture statement removed."""
+    """The forward of apr_numba.backends.cpu_forward compiled from its source with every capture statement removed."""
     from numba import njit
 
-    from apr_numba import forward as fmod
+    from apr_numba.backends import cpu_forward as fmod
 
     src = inspect.getsource(fmod.forward.py_func)
     lines = src.splitlines()
@@ -71,7 +71,7 @@ def stripped_forward():
             continue
         out.append(ln)
         i += 1
-    assert removed >= 15, f"only {removed} capture statements found: apr_numba.forward changed shape"
+    assert removed >= 15, f"only {removed} capture statements found: apr_numba.backends.cpu_forward changed shape"
     ns = dict(vars(fmod))
     exec("\n".join(out).replace("def forward(", "def forward_stripped(", 1), ns)  # noqa: S102 - our own source
     return njit(fastmath=fmod.FASTMATH, nogil=True)(ns["forward_stripped"]), removed
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
 
-    from apr_numba.model import load
-    from apr_numba.trace import parse_stages, trace_table, wanted_keys
+    from apr_numba.debug.trace import parse_stages, trace_table, wanted_keys
+    from apr_numba.model.decoder import load
 
     m = load(a.model, backend="cpu", threads=a.threads, n_ctx=a.n_gen + 16)
     c, w = m.config, m.weights

@@ -18,9 +18,9 @@ import sys
 
 CHILD = r"""
 import json, sys, time
-from apr_numba.model import load
-from apr_numba.bench import bench_model
-from apr_numba import config
+from apr_numba.model.decoder import load
+from apr_numba.cli.bench_cmd import bench_model
+from apr_numba import runtime as config
 m = load(sys.argv[1], threads=int(sys.argv[2]), n_ctx=256)
 r = bench_model(m, n_prompt=0, n_gen=int(sys.argv[3]), reps=3)[0]
 print(json.dumps({"layer": config.threading_layer(), "tok_s": r.tok_s_mean, "std": r.tok_s_std}))

@@ -82,7 +82,7 @@ def _greedy_llama(llm, ids, n):
 def compare(name: str, threads: int, n_prompt: int, n_gen: int, reps: int, prompt: str) -> dict:
     """Run both engines on one model; returns a dict of rates, ratios and greedy outputs."""
     import apr_numba
-    from apr_numba import config
+    from apr_numba import runtime as config
 
     n_ctx = max(n_prompt, n_gen + 1) + 64
     model = apr_numba.load(name, threads=threads, n_ctx=n_ctx)

@@ -1,5 +1,5 @@
 """Test helpers for the APR v2 tests, written from the facts page (shared/docs/aprender-facts.md) and
-independent of apr_numba.apr_format: byte layout with struct + zlib, aprender's AprQ4 / AprQ8
+independent of apr_numba.formats.apr_format: byte layout with struct + zlib, aprender's AprQ4 / AprQ8
 quantizers, and a tiny one-layer llama decoder (GGUF-style names and metadata) to build files from."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from apr_numba.registry import resolve_model
+from apr_numba.hub.pull import resolve_model
 
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 
@@ -34,7 +34,7 @@ def gguf_reader():
 @pytest.fixture(scope="session")
 def loaded_model():
     """loaded_model(name) -> a cached apr_numba Model (2 threads, n_ctx 512)."""
-    from apr_numba.model import load
+    from apr_numba.model.decoder import load
 
     cache: dict = {}
 

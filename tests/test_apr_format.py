@@ -1,4 +1,4 @@
-"""APR v2 container (apr_numba/apr_format.py, apr_file.py): a file laid out by hand from the facts page
+"""APR v2 container (apr_numba/formats/apr_format.py, apr_file.py): a file laid out by hand from the facts page
 reads correctly, the writer's bytes match that layout, Q8_0 / AprQ4 / AprQ8 readings, and every malformed
 case gets its own ModelFormatError naming the file and the problem."""
 
@@ -12,9 +12,9 @@ import zlib
 import numpy as np
 import pytest
 
-from apr_numba import apr_format as af
-from apr_numba.apr_file import AprFile
 from apr_numba.errors import ModelFormatError
+from apr_numba.formats import apr_format as af
+from apr_numba.formats.apr_file import AprFile
 from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, decode_codes
 from apr_numba.quants.repack import pack
 from tests.apr_testlib import (
@@ -229,7 +229,7 @@ def test_apr_q_decoders_check_byte_counts():
 
 def _tiny_apr(tmp_path, name: str, store, drop: str | None = None, extra=None):
     """The tiny model as .apr with HF names and aprender metadata; store(name, arr) -> (dtype, bytes)."""
-    from apr_numba.apr_meta import gguf_to_apr_name
+    from apr_numba.formats.apr_meta import gguf_to_apr_name
 
     specs = []
     for n, arr in tiny_tensors().items():
@@ -244,7 +244,7 @@ def _tiny_apr(tmp_path, name: str, store, drop: str | None = None, extra=None):
 
 @pytest.mark.parametrize("qtype", [af.APR_Q4, af.APR_Q8])
 def test_model_with_apr_quantized_weights_runs(tmp_path, qtype):
-    from apr_numba.model import load
+    from apr_numba.model.decoder import load
 
     quant = quantize_apr_q4 if qtype == af.APR_Q4 else quantize_apr_q8
     deq = dequantize_apr_q4 if qtype == af.APR_Q4 else dequantize_apr_q8
@@ -266,7 +266,7 @@ def test_model_with_apr_quantized_weights_runs(tmp_path, qtype):
 
 
 def test_required_tensor_missing(tmp_path):
-    from apr_numba.model import load
+    from apr_numba.model.decoder import load
 
     p = _tiny_apr(tmp_path, "m.apr", lambda n, a: (0, a.tobytes()), drop="blk.0.ffn_up.weight")
     with pytest.raises(ModelFormatError) as ei:

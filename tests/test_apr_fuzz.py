@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apr_numba import apr_format as af
-from apr_numba.apr_file import AprFile
-from apr_numba.apr_meta import gguf_to_apr_name
 from apr_numba.errors import ModelFormatError
+from apr_numba.formats import apr_format as af
+from apr_numba.formats.apr_file import AprFile
+from apr_numba.formats.apr_meta import gguf_to_apr_name
 from apr_numba.quants.layouts import SUPPORTED_TYPES, decode_codes
 from tests.apr_testlib import assemble, quantize_apr_q4, refresh_crcs, tiny_apr_metadata, tiny_tensors
 
@@ -134,7 +134,7 @@ def test_fuzz_container(data):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutations(MODEL, ("header_field", "index_field", "header_bytes", "index_bytes", "truncate")))
 def test_fuzz_whole_model_load(data):
-    from apr_numba.model import load
+    from apr_numba.model.decoder import load
 
     p = _TMP / "fuzz-model.apr"
     p.write_bytes(data)
@@ -165,7 +165,7 @@ JSON = st.recursive(st.none() | st.booleans() | INTS | st.floats() | st.text(max
 def test_fuzz_model_metadata_values(changes):
     """Config and tokenizer values of any JSON type: load works or raises a user error (AprError)."""
     from apr_numba.errors import AprError
-    from apr_numba.model import load
+    from apr_numba.model.decoder import load
 
     specs = [(gguf_to_apr_name(n), 0, list(a.shape), a) for n, a in tiny_tensors().items()]
     p = _TMP / "fuzz-meta.apr"

@@ -1,5 +1,5 @@
-"""GGUF / safetensors -> .apr import (apr_numba/apr_import.py), the CLI (import, pull --apr, inspect, run on
-.apr), running real models from .apr bit-identically, and GGUF bad-input hardening (apr_numba/gguf_check.py).
+"""GGUF / safetensors -> .apr import (apr_numba/formats/apr_import.py), the CLI (import, pull --apr, inspect, run on
+.apr), running real models from .apr bit-identically, and GGUF bad-input hardening (apr_numba/formats/gguf_header.py).
 
 The real-model .apr files are written once per session under a temporary models folder (the registry GGUF
 files symlinked into it, so ``apr-numba pull NAME --apr`` runs for real) and deleted afterwards.
@@ -21,16 +21,16 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from apr_numba import apr_format as af
-from apr_numba.apr_file import AprFile
-from apr_numba.apr_import import import_model, read_safetensors
-from apr_numba.apr_meta import apr_to_gguf_name, gguf_to_apr_name
-from apr_numba.cli import main
+from apr_numba.cli.main import main
 from apr_numba.errors import ModelFormatError
-from apr_numba.gguf_check import check_gguf, read_gguf
-from apr_numba.gguf_file import GGUFFile
-from apr_numba.model import load
-from apr_numba.registry import get_entry, models_dir
+from apr_numba.formats import apr_format as af
+from apr_numba.formats.apr_file import AprFile
+from apr_numba.formats.apr_import import import_model, read_safetensors
+from apr_numba.formats.apr_meta import apr_to_gguf_name, gguf_to_apr_name
+from apr_numba.formats.gguf_file import GGUFFile
+from apr_numba.formats.gguf_header import check_gguf, read_gguf
+from apr_numba.hub.registry import get_entry, models_dir
+from apr_numba.model.decoder import load
 from tests.apr_testlib import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,7 +196,7 @@ def test_real_model_apr_is_lossless_and_runs_identically(pulled_apr, loaded_mode
 
 
 def test_pull_apr_reuses_a_valid_apr(pulled_apr):
-    from apr_numba.apr_cli import pull_apr
+    from apr_numba.cli.apr_cmds import pull_apr
 
     gguf, apr_path, _ = pulled_apr("smollm2-135m")
     mtime = apr_path.stat().st_mtime_ns

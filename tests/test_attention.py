@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from apr_numba.arch.stages import FAULT_ID, N_FAULTS
 from apr_numba.kernels.attention import attention, attention_blas
-from apr_numba.stages import FAULT_ID, N_FAULTS
 
 N_HEAD, N_KV, HD = 6, 2, 16
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from apr_numba.bench import bench_model
+from apr_numba.cli.bench_cmd import bench_model
 from apr_numba.errors import ArgumentError
 
 

@@ -13,15 +13,14 @@ import math
 import numpy as np
 import pytest
 
-from apr_numba.bisect import bisect, compare_traces, format_bisect
-from apr_numba.cli import main
+from apr_numba.arch.stages import FAULTS as FORWARD_FAULTS
+from apr_numba.cli.main import main
+from apr_numba.debug.bisection import bisect, compare_traces, format_bisect
+from apr_numba.debug.faults import FAULT_NAMES, FAULTS, corrupted_codes, parse_fault, plan_fault, q4k_scale_bug
+from apr_numba.debug.trace import parse_stages, trace
 from apr_numba.errors import ArgumentError
-from apr_numba.faults import FAULT_NAMES, FAULTS, corrupted_codes, parse_fault, plan_fault, q4k_scale_bug
 from apr_numba.quants.layouts import decode_codes
-from apr_numba.stages import FAULTS as FORWARD_FAULTS
-from apr_numba.trace import parse_stages, trace
-
-from .trace_testlib import LN_F16_MAX, MID, MODELS, PROMPT, model, opencl_missing, reference_dir, reference_trace
+from tests.trace_testlib import LN_F16_MAX, MID, MODELS, PROMPT, model, opencl_missing, reference_dir, reference_trace
 
 QWEN, SMOL = "qwen2.5-coder-0.5b", "smollm2-135m"
 QWEN_Q4K_LAYERS = (2, 4, 5, 11, 12, 14, 15, 17, 18, 20, 22, 23)  # ffn_down only

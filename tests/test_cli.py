@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 
-from apr_numba.generate import generate
-from apr_numba.model import load
-
-from .tiny_gguf import write_tiny_gguf
+from apr_numba.generation.generate import generate
+from apr_numba.model.decoder import load
+from tests.tiny_gguf import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

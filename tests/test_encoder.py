@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apr_numba.embedding import embed, embed_ids, pool
-from apr_numba.encoder import EncoderModel, TruncationWarning, load_encoder
-from apr_numba.encoder_weights import EncoderConfig, load_encoder_weights
+from apr_numba.encoder.embedding import embed, embed_ids, pool
+from apr_numba.encoder.model import EncoderModel, TruncationWarning, load_encoder
+from apr_numba.encoder.weights import EncoderConfig, load_encoder_weights
 from apr_numba.errors import ArgumentError, ModelFormatError
 from apr_numba.kernels import encoder as K
 
@@ -315,7 +315,7 @@ def test_quantized_matrices_path(enc, fx):
 
 def test_apr_roundtrip(enc, fx, tmp_path):
     """An .apr made by ``apr-numba import`` from the HF directory gives bit-identical outputs."""
-    apr_import = pytest.importorskip("apr_numba.apr_import")
+    apr_import = pytest.importorskip("apr_numba.formats.apr_import")
     out = tmp_path / "minilm.apr"
     apr_import.import_model(enc.path, out)
     m = load_encoder(out, threads=2)
@@ -338,7 +338,7 @@ def test_not_an_encoder(tmp_path):
 
 # -- CLI ----------------------------------------------------------------------------------------------
 def test_cli_embed_json(enc, capsys):
-    from apr_numba.cli import main
+    from apr_numba.cli.main import main
 
     assert main(["embed", "minilm-l6", "Hello world", "a", "--json", "-t", "2"]) == 0
     d = json.loads(capsys.readouterr().out)

@@ -55,7 +55,7 @@ def fails(gid, ctx, **inject):
 
 def _has_opencl() -> bool:
     try:
-        from apr_numba.opencl_kernels import list_devices
+        from apr_numba.backends.opencl_kernels import list_devices
 
         return bool(list_devices())
     except Exception:  # noqa: BLE001
@@ -149,7 +149,7 @@ def test_run_api_progress_and_json(ctx):
 
 
 def test_cli_exit_codes(monkeypatch, capsys):
-    from apr_numba.cli import main
+    from apr_numba.cli.main import main
     from apr_numba.gates import ws
 
     assert main(["gates", MODEL, "--only", "WS-003", "--json"]) == 0
@@ -333,7 +333,7 @@ def test_cpu_gpu_005_006_probes(ctx, faulty_backend):
 def _regression_backends():
     import pyopencl as cl
 
-    from apr_numba.opencl_backend import OpenCLBackend
+    from apr_numba.backends.opencl import OpenCLBackend
 
     class HeadUploadedTwice(OpenCLBackend):
         """GWR-001 regression: the tied LM head gets its own copy of token_embd on the device."""
@@ -411,7 +411,7 @@ def test_gwr005_host_pointer_flags(ctx):
 # ------------------------------------------------------------------------------------------- ATTN-SUB
 
 def test_attn_sub_001(ctx):
-    from apr_numba.stages import STAGES
+    from apr_numba.arch.stages import STAGES
 
     passes("ATTN-SUB-001", ctx)
     fails("ATTN-SUB-001", ctx, drop=("attn_scores", "attn_softmax"))
@@ -429,8 +429,8 @@ def test_attn_sub_002(ctx):
 
 
 def test_attn_sub_003(ctx):
+    from apr_numba.debug.stage_diff import diff_files
     from apr_numba.errors import ArgumentError
-    from apr_numba.stage_diff import diff_files
 
     passes("ATTN-SUB-003", ctx)
 

@@ -1,4 +1,4 @@
-"""The Python generation API (apr_numba/generate.py) on SmolLM2-135M: determinism, streaming, seeded
+"""The Python generation API (apr_numba/generation/generate.py) on SmolLM2-135M: determinism, streaming, seeded
 sampling, stop strings, EOS, max_tokens, the context limit, eager argument errors, and KV-cache
 correctness (incremental decode == full-sequence logits)."""
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from apr_numba.errors import ArgumentError
-from apr_numba.generate import GenerationResult, generate, generate_events, run
-from apr_numba.model import load
-from apr_numba.sampling import SamplingParams
+from apr_numba.generation.generate import GenerationResult, generate, generate_events, run
+from apr_numba.generation.sampling import SamplingParams
+from apr_numba.model.decoder import load
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

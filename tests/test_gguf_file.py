@@ -1,4 +1,4 @@
-"""GGUFFile (apr_numba/gguf_file.py): every malformed file becomes a ModelFormatError naming the file, tensor
+"""GGUFFile (apr_numba/formats/gguf_file.py): every malformed file becomes a ModelFormatError naming the file, tensor
 extents are validated, and the start-up cache in ``$APR_NUMBA_CACHE`` is used, equivalent and invalidated.
 
 Mutated files are tmp copies (a tiny llama GGUF written with ``gguf.GGUFWriter``, or prefixes of the real
@@ -17,9 +17,8 @@ import pytest
 from gguf import GGUFReader
 
 from apr_numba.errors import ModelFormatError
-from apr_numba.gguf_file import _BIG_KEYS, GGUFFile, cache_dir
-
-from .tiny_gguf import write_tiny_gguf
+from apr_numba.formats.gguf_file import _BIG_KEYS, GGUFFile, cache_dir
+from tests.tiny_gguf import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -30,8 +30,8 @@ from gguf import GGML_QUANT_SIZES  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
-from apr_numba import parity  # noqa: E402
-from apr_numba.opencl_kernels import WTYPES, Programs, find_device, list_devices  # noqa: E402
+from apr_numba.backends import parity  # noqa: E402
+from apr_numba.backends.opencl_kernels import WTYPES, Programs, find_device, list_devices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
@@ -217,7 +217,7 @@ def test_builds_are_warning_free(prg):
 def test_choose_tuning_respects_device_limits():
     from types import SimpleNamespace
 
-    from apr_numba.opencl_kernels import choose_tuning
+    from apr_numba.backends.opencl_kernels import choose_tuning
 
     gpu = SimpleNamespace(type=cl.device_type.GPU, max_work_group_size=256, local_mem_size=48 * 1024)
     t = choose_tuning(gpu, 32)
@@ -232,7 +232,7 @@ def test_choose_tuning_respects_device_limits():
 
 @pytest.fixture(scope="module")
 def ocl_model():
-    from apr_numba.model import load
+    from apr_numba.model.decoder import load
 
     cache: dict = {}
 
@@ -303,7 +303,7 @@ def test_fault_injection_rejected_with_exact_line_and_cpu_text():
 
 
 def test_fault_injection_in_process_json(capsys):
-    from apr_numba.model import load
+    from apr_numba.model.decoder import load
 
     m = load("smollm2-135m", backend="opencl", n_ctx=64, opencl_fault="scale")
     err = capsys.readouterr().err.strip().splitlines()
@@ -313,7 +313,7 @@ def test_fault_injection_in_process_json(capsys):
 
 
 def test_probe_exception_falls_back(capsys):
-    from apr_numba.model import load
+    from apr_numba.model.decoder import load
 
     m = load("smollm2-135m", backend="opencl", n_ctx=64, device=len(list_devices()) + 5)
     err = capsys.readouterr().err.strip().splitlines()
@@ -396,7 +396,7 @@ def test_gate_near_tie_rule():
 def test_auto_on_a_cpu_only_opencl_machine_stays_on_cpu(capsys):
     if any(d.is_gpu for d in list_devices()):
         pytest.skip("a GPU is present: auto would use it")
-    from apr_numba.model import load
+    from apr_numba.model.decoder import load
 
     m = load("smollm2-135m", backend="auto", n_ctx=64)
     assert m.backend == "cpu" and m.parity is None
@@ -406,7 +406,7 @@ def test_auto_on_a_cpu_only_opencl_machine_stays_on_cpu(capsys):
 # -- 4. --no-gpu ------------------------------------------------------------------------------------
 
 def test_no_gpu_prints_nothing_and_never_imports_pyopencl():
-    code = ("import sys; from apr_numba.cli import main; rc = main(['run', 'smollm2-135m', '-p', 'Hi', '-n', '3', "
+    code = ("import sys; from apr_numba.cli.main import main; rc = main(['run', 'smollm2-135m', '-p', 'Hi', '-n', '3', "
             "'--no-gpu']); print('PYOPENCL' if 'pyopencl' in sys.modules else 'CLEAN', file=sys.stderr); "
             "sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
@@ -457,7 +457,7 @@ def test_transfer_counters_32_token_generation(ocl_model):
     "ffn-swap@1", "rmsnorm-eps@1")] + [("qwen2.5-coder-0.5b", None), ("qwen2.5-coder-0.5b", "qkv-bias-drop@1")])
 def test_trace_and_teaching_faults_match_cpu(name, fault, ocl_model):
     """Every stage of layers 0..2 (plus final_norm, lm_head) on OpenCL equals the CPU's, with each fault."""
-    from apr_numba.trace import trace
+    from apr_numba.debug.trace import trace
 
     m = ocl_model(name)
     kw = {"stages": "all", "layers": "0..2", "inject": fault}

@@ -4,7 +4,7 @@
    dequantized, float32 on CPU): last-position logits cosine >= 0.999 and the same argmax for every
    prompt (a different argmax is allowed only at a near-tie, HF's top-2 logits within 1 %, and the test
    reports it); greedy 32-token continuations equal HF's for most prompts.
-2. Against the in-project float64 NumPy oracle (apr_numba/reference.py): logits cosine >= 0.999 at every
+2. Against the in-project float64 NumPy oracle (apr_numba/backends/reference.py): logits cosine >= 0.999 at every
    position and every layer's output (post_ffn_residual) cosine >= 0.999.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apr_numba.reference import ReferenceModel
+from apr_numba.backends.reference import ReferenceModel
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")

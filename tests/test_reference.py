@@ -1,4 +1,4 @@
-"""The float64 NumPy reference (apr_numba.reference) against the HF transformers fixtures.
+"""The float64 NumPy reference (apr_numba.backends.reference) against the HF transformers fixtures.
 
 Both sides are float forwards of the same gguf-py-dequantized weights (HF in float32, ours in float64),
 so they must agree closely: last-position logits cosine >= LOGIT_COS_MIN and the same argmax for every
@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apr_numba.backends.reference import ReferenceModel, rope
 from apr_numba.errors import ArgumentError
-from apr_numba.model_config import ROPE_NEOX, ROPE_NORM
-from apr_numba.reference import ReferenceModel, rope
-
-from .conftest import model_path
+from apr_numba.model.hparams import ROPE_NEOX, ROPE_NORM
+from tests.conftest import model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

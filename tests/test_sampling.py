@@ -1,4 +1,4 @@
-"""Tests of apr_numba.sampling against naive, obviously-correct references written here."""
+"""Tests of apr_numba.generation.sampling against naive, obviously-correct references written here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apr_numba.errors import ArgumentError
-from apr_numba.sampling import Sampler, SamplingParams, StopChecker, _nucleus, _top_k_candidates
+from apr_numba.generation.sampling import Sampler, SamplingParams, StopChecker, _nucleus, _top_k_candidates
 
 # ---------------------------------------------------------------------------------------------
 # Naive references (full sorts and Python loops).

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from apr_numba.errors import ArgumentError, ModelFormatError
-from apr_numba.tokenizer import StreamDecoder, Tokenizer
+from apr_numba.model.tokenizer import StreamDecoder, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "tokenizer_ids.json").read_text(encoding="utf-8"))
@@ -33,7 +33,7 @@ _METADATA: dict[str, dict] = {}
 def _metadata(key: str) -> dict:
     if key not in _METADATA:
         gguf = pytest.importorskip("gguf")
-        from apr_numba.model_config import gguf_metadata
+        from apr_numba.model.hparams import gguf_metadata
 
         path = ROOT / "models" / FIXTURE["models"][key]["gguf_file"]
         if not path.exists():

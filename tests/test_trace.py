@@ -10,10 +10,10 @@ import struct
 import numpy as np
 import pytest
 
-from apr_numba.bisect import compare_traces
-from apr_numba.cli import main
-from apr_numba.errors import ArgumentError, ModelFormatError
-from apr_numba.stage_diff import (
+from apr_numba.arch.stages import ALIASES, MOE_STAGES, STAGES, WHOLE_MODEL_STAGES
+from apr_numba.cli.main import main
+from apr_numba.debug.bisection import compare_traces
+from apr_numba.debug.stage_diff import (
     DIFF_JSON_SCHEMA,
     SCHEMA,
     cosine,
@@ -22,8 +22,7 @@ from apr_numba.stage_diff import (
     diff_traces,
     validate_diff_json,
 )
-from apr_numba.stages import ALIASES, MOE_STAGES, STAGES, WHOLE_MODEL_STAGES
-from apr_numba.trace import (
+from apr_numba.debug.trace import (
     SaveTensorStage,
     Trace,
     parse_layers,
@@ -35,8 +34,8 @@ from apr_numba.trace import (
     wanted_keys,
     write_aprt,
 )
-
-from .trace_testlib import MODELS, PROMPT, model, opencl_missing, reference_trace
+from apr_numba.errors import ArgumentError, ModelFormatError
+from tests.trace_testlib import MODELS, PROMPT, model, opencl_missing, reference_trace
 
 # -- stages ------------------------------------------------------------------------------------
 
@@ -345,7 +344,7 @@ def test_opencl_capture_is_read_only():
     why = opencl_missing()
     if why:
         pytest.skip(why)
-    from apr_numba.trace import _opencl_backend_for
+    from apr_numba.debug.trace import _opencl_backend_for
 
     m = model("smollm2-135m")
     be = _opencl_backend_for(m)

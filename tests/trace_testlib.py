@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from apr_numba.model import load
-from apr_numba.trace import Trace, trace
+from apr_numba.debug.trace import Trace, trace
+from apr_numba.model.decoder import load
 
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 # <|im_start|> (ChatML, both models' chat-start token) makes SmolLM2's layer 10 put a score of ~28 on it;
@@ -52,8 +52,8 @@ def opencl_missing() -> str | None:
     import inspect
 
     try:
-        from apr_numba.opencl_backend import OpenCLBackend
-        from apr_numba.opencl_kernels import list_devices
+        from apr_numba.backends.opencl import OpenCLBackend
+        from apr_numba.backends.opencl_kernels import list_devices
     except Exception as exc:  # noqa: BLE001
         return f"no OpenCL: {exc}"
     if "dbg" not in inspect.signature(OpenCLBackend.run).parameters:

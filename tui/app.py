@@ -24,8 +24,8 @@ from textual.reactive import reactive
 from textual.widgets import Footer, Header, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from . import messages as M
-from .widgets import GatesPanel, HelpScreen, L1Gauge, LayerCells, ModelPanel, OutputView, PromptArea, SpeedPanel
+from tui import messages as M
+from tui.widgets import GatesPanel, HelpScreen, L1Gauge, LayerCells, ModelPanel, OutputView, PromptArea, SpeedPanel
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_PROMPT = "The three primary colors are"
@@ -427,14 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.replay:
-        from .fake import FakeEngine
+        from tui.fake import FakeEngine
 
         engine = FakeEngine(a.replay, speed=1.0)
     else:
         from apr_numba.errors import AprError
-        from apr_numba.registry import resolve_model
-
-        from .engine import Engine
+        from apr_numba.hub.pull import resolve_model
+        from tui.engine import Engine
 
         try:  # pull / verify before the screen switches, so progress and errors show in the terminal
             path = resolve_model(a.model, progress=sys.stderr.isatty())

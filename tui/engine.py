@@ -5,7 +5,7 @@ Every long call runs in one of the app's thread workers and reports through ``em
 is one of the dataclasses below; the app turns each into a Textual message. ``cancelled()`` is the worker's
 ``is_cancelled``.
 
-Generation reuses :func:`apr_numba.generate.generate_events` (sampling, stop rules, timings) on a stand-in
+Generation reuses :func:`apr_numba.generation.generate.generate_events` (sampling, stop rules, timings) on a stand-in
 model whose ``eval`` always asks for ``capture_layers=True``, so every prefill and decode step hands its
 block outputs (post_ffn_residual, (n_layer, k, n_embd)) to the shadow queue. The shadow worker
 (:meth:`Engine.shadow_loop`) takes everything queued since its last pass as one batch, runs it on the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .events import (
+from tui.events import (
     Bisected,
     Done,
     Failed,
@@ -156,8 +156,8 @@ class Engine:
     # -- load ----------------------------------------------------------------------------------
     def load(self, emit: Emit) -> Loaded:
         """Load the model (blocking) and pick the shadow; returns (and emits) :class:`Loaded`."""
-        from apr_numba import config
-        from apr_numba.model import load
+        from apr_numba import runtime as config
+        from apr_numba.model.decoder import load
 
         emit(Status(f"loading {self.spec} ..."))
         m = self.model = load(self.spec, backend=self.backend_req, threads=self.threads, n_ctx=self.n_ctx)
@@ -166,7 +166,7 @@ class Engine:
         c = m.config
         parity = ""
         if m.parity is not None:
-            from apr_numba.parity import TAG
+            from apr_numba.backends.parity import TAG
 
             if m.parity.passed:
                 cos = ", ".join(f"{x:.6f}" for x in m.parity.cosines)
@@ -187,7 +187,7 @@ class Engine:
         return ev
 
     def _pick_shadow(self, emit: Emit) -> None:
-        from .shadow import ShadowUnavailable, default_shadow, make_shadow
+        from tui.shadow import ShadowUnavailable, default_shadow, make_shadow
 
         kind = default_shadow(self.model) if self.shadow_req == "auto" else self.shadow_req
         try:
@@ -229,9 +229,9 @@ class Engine:
         If the backend raises mid-way, the tokens so far are kept; on OpenCL the model falls back to the CPU
         and generation continues from the text so far (a fresh prefill of prompt + generated tokens).
         """
-        from apr_numba.config import set_threads
         from apr_numba.errors import AprError
-        from apr_numba.generate import prompt_ids
+        from apr_numba.generation.generate import prompt_ids
+        from apr_numba.runtime import set_threads
 
         m = self.model
         with self.jobs.job("generation", True, lambda job: emit(Status(f"waiting for {job} to finish ..."))):
@@ -262,8 +262,8 @@ class Engine:
     def _run_with_fallback(self, gen: _Gen, max_tokens: int, emit: Emit, cancelled: Cancelled, t0: float):
         """generate_events until done; after a backend failure, on the CPU from the tokens so far (if it can)."""
         from apr_numba.errors import AprError
-        from apr_numba.generate import GenerationResult
-        from apr_numba.sampling import SamplingParams
+        from apr_numba.generation.generate import GenerationResult
+        from apr_numba.generation.sampling import SamplingParams
 
         m = self.model
         params = SamplingParams(temperature=self.temperature, seed=self.seed)
@@ -296,7 +296,7 @@ class Engine:
     def _stream(self, gen: _Gen, ids: list[int], params, max_tokens: int, res, emit: Emit, cancelled: Cancelled,
                 t0: float) -> None:
         """One generate_events run on a fresh sequence, every step's block outputs queued for the shadow."""
-        from apr_numba.generate import generate_events
+        from apr_numba.generation.generate import generate_events
 
         m = self.model
         seq = self._begin_sequence()
@@ -339,9 +339,8 @@ class Engine:
 
     def shadow_loop(self, emit: Emit, cancelled: Cancelled) -> None:
         """Prepare the shadow, then compare every queued batch until cancelled (runs in its own worker)."""
-        from apr_numba.config import set_threads
-
-        from .shadow import ShadowUnavailable, layer_cosines
+        from apr_numba.runtime import set_threads
+        from tui.shadow import ShadowUnavailable, layer_cosines
 
         sh = self.shadow
         if sh is None:
@@ -407,7 +406,7 @@ class Engine:
     # -- bisect --------------------------------------------------------------------------------
     def bisect(self, emit: Emit) -> Bisected | None:
         """Bisect the last prompt: the backend against the shadow (the reference when the shadow is off)."""
-        from apr_numba.bisect import bisect
+        from apr_numba.debug.bisection import bisect
 
         if not self.history:
             emit(Status("bisect: no prompt yet (generate first)", "bisect"))
@@ -415,7 +414,7 @@ class Engine:
         ids = self.history[-1].prompt_ids
         a = "opencl" if self.model.backend == "opencl" else "cpu"
         b = self.shadow_kind if self.shadow_kind in ("reference", "cpu", "opencl") else "reference"
-        from apr_numba.config import set_threads
+        from apr_numba.runtime import set_threads
 
         with self.jobs.job("bisect", True, lambda job: emit(Status(f"bisect: waiting for {job} ...", "bisect"))):
             set_threads(self.model.threads)

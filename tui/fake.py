@@ -13,8 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from .engine import SESSION_SCHEMA
-from .events import (
+from tui.engine import SESSION_SCHEMA
+from tui.events import (
     Bisected,
     Done,
     GateRow,

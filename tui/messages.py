@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from . import events as E
+from tui import events as E
 
 
 class EngineMessage(Message):

@@ -12,8 +12,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from .app import Dashboard
-from .engine import Engine
+from tui.app import Dashboard
+from tui.engine import Engine
 
 PROMPT = "The three primary colors are"
 

@@ -6,7 +6,7 @@ worker takes all tokens that arrived since its last pass and runs them as one ch
 n_past..n_past+k-1). A batch costs about one pass over the weights whatever k is, so a slow shadow lags a
 few tokens behind the backend but still covers every token; the panel says which token it shows.
 
-* ``reference``: :class:`ReferenceShadow`, float64 NumPy (:mod:`apr_numba.reference`'s math and weights,
+* ``reference``: :class:`ReferenceShadow`, float64 NumPy (:mod:`apr_numba.backends.reference`'s math and weights,
   gguf-py dequantization). ReferenceModel.forward re-dequantizes every block on each call (about 10 s for
   SmolLM2-135M) and has no KV cache, so it cannot run per token. This shadow dequantizes each block once
   (kept as float64 while the whole model fits :data:`REF_CACHE_BYTES`, else re-dequantized per pass) and
@@ -40,7 +40,7 @@ class ShadowUnavailable(Exception):
 def layer_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine per layer and position of two (n_layer, T, D) arrays, accumulated in float64 -> (n_layer, T).
 
-    0 where a norm is 0 (as apr_numba.parity.cosine); NaN stays NaN.
+    0 where a norm is 0 (as apr_numba.backends.parity.cosine); NaN stays NaN.
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     dot = np.einsum("ltd,ltd->lt", a, b)
@@ -69,7 +69,7 @@ class ReferenceShadow:
     def prepare(self, progress=None) -> None:
         """Open the reference over the model's source and dequantize every block once (progress(done, total)
         after each block)."""
-        from apr_numba.trace import reference_model, single_thread_blas
+        from apr_numba.debug.trace import reference_model, single_thread_blas
 
         try:
             self.ref = reference_model(self.model)  # shared with bisect's reference side
@@ -123,7 +123,7 @@ class ReferenceShadow:
         """
         if self.ref is None:
             self.prepare()
-        from apr_numba.trace import single_thread_blas
+        from apr_numba.debug.trace import single_thread_blas
 
         with getattr(self, "_blas", None) or single_thread_blas():
             return self._advance(ids, n_layers)
@@ -144,7 +144,7 @@ class ReferenceShadow:
 
     def _block_kv(self, il: int, w: dict, x: np.ndarray, p0: int) -> np.ndarray:
         """reference.ReferenceModel.block for queries at positions p0..p0+t-1 over the cached keys 0..p0+t-1."""
-        from apr_numba.reference import rms_norm, rope, silu, softmax
+        from apr_numba.backends.reference import rms_norm, rope, silu, softmax
 
         c = self.config
         t = x.shape[0]
@@ -209,7 +209,7 @@ class OpenCLShadow:
 
     def __init__(self, model) -> None:
         try:
-            from apr_numba.opencl_backend import OpenCLBackend
+            from apr_numba.backends.opencl import OpenCLBackend
         except Exception as exc:  # noqa: BLE001 - pyopencl or the module missing
             raise ShadowUnavailable(f"OpenCL shadow unavailable: {type(exc).__name__}: {exc}") from None
         self.model, self._cls = model, OpenCLBackend

@@ -13,7 +13,7 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import DataTable, Sparkline, Static, TextArea
 
-from .events import GateRow, L1Reading, ModelInfo, Parity
+from tui.events import GateRow, L1Reading, ModelInfo, Parity
 
 # 1 - cosine -> cell colour, best first: float32 rounding level, 1e-6, bisect's 0.999, the parity gate's 0.99
 COS_SCALE = ((1e-9, "#1b5e20", "white", "≥1-1e-9"), (1e-6, "#2e7d32", "white", "≥1-1e-6"),

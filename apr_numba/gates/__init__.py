@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .core import (
+from apr_numba.gates.core import (
     FAIL,
     NOT_APPLICABLE,
     PASS,
@@ -40,7 +40,7 @@ __all__ = ["run", "GateResult", "GateSpec", "Measured", "NotApplicable", "regist
 
 def __getattr__(name: str):
     if name == "GateContext":
-        from .context import GateContext
+        from apr_numba.gates.context import GateContext
 
         return GateContext
     raise AttributeError(name)
@@ -67,7 +67,7 @@ def run(model="smollm2-135m", only=None, slow: bool = False,
     Raises:
         KeyError: ``only`` matches no gate.
     """
-    from .context import GateContext
+    from apr_numba.gates.context import GateContext
 
     specs = select(only)
     if not specs:

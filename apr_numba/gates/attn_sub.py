@@ -1,7 +1,8 @@
 """ATTN-SUB-001..005: the attention sub-stages (attn_scores, attn_softmax) in tracing, stage diff and bisection.
 
-Measured with the real commands' code: :func:`apr_numba.trace.trace` (CPU backend), :mod:`apr_numba.stage_diff`
-and :func:`apr_numba.bisect.compare_traces`, on the gated model with a short prompt.
+Measured with the real commands' code: :func:`apr_numba.debug.trace.trace` (CPU backend),
+:mod:`apr_numba.debug.stage_diff` and :func:`apr_numba.debug.bisection.compare_traces`, on the gated model with a short
+prompt.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import Measured
+from apr_numba.gates.core import Measured
 
 SUB = ("attn_scores", "attn_softmax")
 PROMPT = "The capital of France is"
-# Attention faults and the sub-stage where each enters (apr_numba.faults.FAULTS[...].enters).
+# Attention faults and the sub-stage where each enters (apr_numba.debug.faults.FAULTS[...].enters).
 FAULTS = ("attn-scale", "causal-mask-off", "gqa-map")
 
 
 def _tokens(ctx) -> list[int]:
-    from ..generate import prompt_ids
+    from apr_numba.generation.generate import prompt_ids
 
     return prompt_ids(ctx.model, PROMPT)
 
@@ -40,12 +41,13 @@ def _order_ok(names, where: str) -> list[str]:
 
 
 def attn_sub_001(ctx, *, stages=None, drop=()) -> Measured:
-    """attn_scores and attn_softmax between k_post_rope and attention in: the stage table (``apr_numba.stages.STAGES``),
-    the ``SaveTensorStage`` enum, and the chain of a real trace (layer 0, CPU). Value: violations.
+    """attn_scores and attn_softmax between k_post_rope and attention in: the stage table
+    (``apr_numba.arch.stages.STAGES``), the ``SaveTensorStage`` enum, and the chain of a real trace
+    (layer 0, CPU). Value: violations.
 
     Injection: ``stages`` replaces the stage table; ``drop`` removes stages from the captured trace."""
-    from ..stages import STAGES
-    from ..trace import SaveTensorStage, trace
+    from apr_numba.arch.stages import STAGES
+    from apr_numba.debug.trace import SaveTensorStage, trace
 
     bad = _order_ok(stages if stages is not None else STAGES, "stage table")
     bad += _order_ok([s.value for s in SaveTensorStage], "SaveTensorStage")
@@ -63,7 +65,7 @@ def attn_sub_002(ctx, *, mutate=None) -> Measured:
 
     Injection: ``mutate(trace)`` alters the Trace before it is checked and saved (a capture writing the wrong
     shape)."""
-    from ..trace import Trace, read_aprt, stage_path, trace
+    from apr_numba.debug.trace import Trace, read_aprt, stage_path, trace
 
     m = ctx.model
     c = m.config
@@ -105,15 +107,15 @@ def _generic(a, b) -> dict:
 
 
 def attn_sub_003(ctx, *, diff_fn=None) -> Measured:
-    """``apr-numba diff``'s code (:func:`apr_numba.stage_diff.diff_files`) on the attn_scores / attn_softmax APRT
+    """``apr-numba diff``'s code (:func:`apr_numba.debug.stage_diff.diff_files`) on the attn_scores / attn_softmax APRT
     files of a clean trace and one with the attn-scale fault (layer 0): it must run, its JSON must satisfy the
     apr-stage-diff-v1 schema, its cosine / max_abs_diff / rms_diff must equal the generic float64 formulas
     computed here, and the source of the diff code must not name the attention sub-stages (no stage-specific
     code). Value: failed checks.
 
     Injection: ``diff_fn(path_a, path_b, limit)`` replaces ``diff_files``."""
-    from .. import stage_diff
-    from ..trace import stage_path, trace
+    from apr_numba.debug import stage_diff
+    from apr_numba.debug.trace import stage_path, trace
 
     fn = diff_fn or stage_diff.diff_files
     m = ctx.model
@@ -148,16 +150,17 @@ def attn_sub_003(ctx, *, diff_fn=None) -> Measured:
 
 
 def attn_sub_004(ctx, *, drop=()) -> Measured:
-    """Bisection (:func:`apr_numba.bisect.compare_traces`: aprender's rule on every stage of layers 0..L+1 and the
+    """Bisection (:func:`apr_numba.debug.bisection.compare_traces`: aprender's rule on every stage of layers
+    0..L+1 and the
     whole-model stages) of a CPU trace with an attention fault at layer L against the clean CPU trace, for the
     faults attn-scale, causal-mask-off and gqa-map (entering at attn_scores, attn_softmax, attn_scores). Each must
     name exactly one first divergence, at layer L, and that stage must be the fault's sub-stage. Value: faults not
     named so.
 
     Injection: ``drop`` removes stages from both traces before the walk (a trace without the sub-stages)."""
-    from ..bisect import compare_traces
-    from ..faults import plan_fault
-    from ..trace import trace
+    from apr_numba.debug.bisection import compare_traces
+    from apr_numba.debug.faults import plan_fault
+    from apr_numba.debug.trace import trace
 
     m = ctx.model
     c = m.config
@@ -197,7 +200,7 @@ def attn_sub_005(ctx, *, alias_kv: bool = False, n: int = 8) -> Measured:
 
     Injection: ``alias_kv`` points the capture buffer at the KV cache's memory (a capture that writes into the
     model's state)."""
-    from ..trace import parse_stages, trace_table, wanted_keys
+    from apr_numba.debug.trace import parse_stages, trace_table, wanted_keys
 
     m = ctx.model
     c = m.config

@@ -37,7 +37,7 @@ def fmt_value(v, unit: str) -> str:
 
 
 def fmt_threshold(r) -> str:
-    from .core import format_threshold
+    from apr_numba.gates.core import format_threshold
 
     if r.unit == "fraction" and r.comparison != "between":
         return f"{r.comparison} {r.threshold:.2%}"
@@ -66,9 +66,9 @@ def render(results, model: str, console=None) -> None:
 
 
 def run(a) -> int:
-    from ..errors import ArgumentError
-    from . import registry, select
-    from . import run as run_gates
+    from apr_numba.errors import ArgumentError
+    from apr_numba.gates import registry, select
+    from apr_numba.gates import run as run_gates
 
     if a.list:
         for s in registry():

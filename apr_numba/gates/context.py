@@ -12,7 +12,7 @@ import io
 from contextlib import redirect_stderr
 from pathlib import Path
 
-from .core import NotApplicable
+from apr_numba.gates.core import NotApplicable
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_ENCODER = "minilm-l6"
@@ -35,7 +35,7 @@ class GateContext:
 
     def __init__(self, model=DEFAULT_MODEL, encoder=DEFAULT_ENCODER, slow: bool = False, n_ctx: int = 256,
                  threads: int | None = None):
-        from .. import config as _config
+        from apr_numba import runtime as _config
 
         _config.configure_threading()  # before any parallel kernel runs (WS-003 may be the first)
         self.model_spec, self.encoder_spec = model, encoder
@@ -49,7 +49,7 @@ class GateContext:
     @property
     def model_path(self) -> Path:
         if self._path is None:
-            from ..registry import resolve_model
+            from apr_numba.hub.pull import resolve_model
 
             self._path = Path(resolve_model(self.model_spec, progress=False))
         return self._path
@@ -59,7 +59,7 @@ class GateContext:
 
     @property
     def model(self):
-        """The decoder :class:`~apr_numba.model.Model` on the CPU backend.
+        """The decoder :class:`~apr_numba.model.decoder.Model` on the CPU backend.
 
         Raises:
             NotApplicable: the model is an encoder.
@@ -67,7 +67,7 @@ class GateContext:
         if self._model is None:
             if self.is_encoder_model():
                 raise NotApplicable(f"{self.model_spec} is an encoder, not a decoder")
-            from ..model import load
+            from apr_numba.model.decoder import load
 
             self._model = load(self.model_path, backend="cpu", n_ctx=self.n_ctx, threads=self.threads)
         return self._model
@@ -75,7 +75,7 @@ class GateContext:
     # -- the encoder -------------------------------------------------------------------------------
     @property
     def encoder(self):
-        """The :class:`~apr_numba.encoder.EncoderModel` for ENC-*.
+        """The :class:`~apr_numba.encoder.model.EncoderModel` for ENC-*.
 
         Raises:
             NotApplicable: no encoder could be had (not pulled and not pullable, or it does not load).
@@ -83,8 +83,8 @@ class GateContext:
         if "encoder" in self._why:
             raise NotApplicable(self._why["encoder"])
         if self._encoder is None:
-            from ..encoder import load_encoder
-            from ..errors import AprError
+            from apr_numba.encoder.model import load_encoder
+            from apr_numba.errors import AprError
 
             spec = self.model_path if self.is_encoder_model() else self.encoder_spec
             try:
@@ -99,7 +99,7 @@ class GateContext:
         if "opencl" in self._why:
             raise NotApplicable(self._why["opencl"])
         try:
-            from ..opencl_kernels import list_devices
+            from apr_numba.backends.opencl_kernels import list_devices
         except Exception as exc:  # noqa: BLE001 - pyopencl missing or its ICD loader broken
             self._why["opencl"] = f"no OpenCL runtime ({type(exc).__name__}: {exc})"
             raise NotApplicable(self._why["opencl"]) from None
@@ -109,7 +109,7 @@ class GateContext:
 
     @property
     def opencl_backend(self):
-        """An :class:`~apr_numba.opencl_backend.OpenCLBackend` of the model (default device), built directly,
+        """An :class:`~apr_numba.backends.opencl.OpenCLBackend` of the model (default device), built directly,
         *not* through the parity gate, so the gates measure the device path whatever the gate would decide.
 
         Raises:
@@ -122,16 +122,16 @@ class GateContext:
     def make_backend(self, fault: str | None = None):
         """A new OpenCLBackend of the model (``fault``: an injected kernel fault, for falsification tests)."""
         self._need_opencl()
-        from ..opencl_backend import OpenCLBackend
+        from apr_numba.backends.opencl import OpenCLBackend
 
         return OpenCLBackend(self.model, fault=fault)
 
     def open_gated(self, fault: str | None = None):
         """A shallow copy of the CPU model (sharing its weights) put through the real load-time switch
-        (:func:`apr_numba.parity.open_opencl_path`, backend "opencl"), with what it wrote to stderr in
+        (:func:`apr_numba.backends.parity.open_opencl_path`, backend "opencl"), with what it wrote to stderr in
         ``model._gate_stderr``. ``fault`` is injected into the device kernels."""
         self._need_opencl()
-        from ..parity import open_opencl_path
+        from apr_numba.backends.parity import open_opencl_path
 
         m = copy.copy(self.model)
         m.parity, m._opencl = None, None

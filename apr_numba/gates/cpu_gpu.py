@@ -1,4 +1,4 @@
-"""CPU-GPU-001..006 and GWR-001..005 against the OpenCL backend (:mod:`apr_numba.opencl_backend`).
+"""CPU-GPU-001..006 and GWR-001..005 against the OpenCL backend (:mod:`apr_numba.backends.opencl`).
 
 The device path is measured directly (``GateContext.opencl_backend``: an ``OpenCLBackend`` of the model built
 without the parity gate, so a path the gate would reject is still measured and FAILs). On a machine without
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .core import Measured, NotApplicable
+from apr_numba.gates.core import Measured, NotApplicable
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time")
 GWR004_TOKENS = 20
@@ -46,13 +46,13 @@ def _backend(ctx, backend):
 
 
 def _prompt_ids(model) -> list[list[int]]:
-    from ..generate import prompt_ids
+    from apr_numba.generation.generate import prompt_ids
 
     return [prompt_ids(model, p) for p in PROMPTS]
 
 
 def _cosine(a, b) -> float:
-    from ..parity import cosine
+    from apr_numba.backends.parity import cosine
 
     return cosine(a, b)
 
@@ -93,15 +93,15 @@ def cpu_gpu_002(ctx, *, backend=None) -> Measured:
 
 
 def _tag_lines(text: str) -> list[str]:
-    from ..parity import TAG
+    from apr_numba.backends.parity import TAG
 
     return [ln for ln in text.splitlines() if ln.startswith(TAG)]
 
 
 def _cli(args: list[str], env_extra: dict, preamble: str = "", timeout: float = 600.0) -> tuple[int, str, str]:
-    """Run ``apr_numba.cli.main(args)`` in a fresh interpreter; returns (rc, stdout, stderr). The child reports,
+    """Run ``apr_numba.cli.main.main(args)`` in a fresh interpreter; returns (rc, stdout, stderr). The child reports,
     on its last stderr line, whether pyopencl was imported."""
-    code = (f"import sys, json\n{preamble}\nfrom apr_numba.cli import main\nrc = main({args!r})\n"
+    code = (f"import sys, json\n{preamble}\nfrom apr_numba.cli.main import main\nrc = main({args!r})\n"
             "sys.stdout.flush()\nsys.stderr.write('\\n@@GATE ' + json.dumps({'rc': rc, 'pyopencl': 'pyopencl' in "
             "sys.modules}) + '\\n')\nsys.exit(rc)\n")
     env = dict(os.environ)
@@ -120,7 +120,7 @@ def _gate_line(stderr: str) -> dict:
 
 
 def cpu_gpu_003(ctx, *, silence: bool = False) -> Measured:
-    """The load-time switch (:func:`apr_numba.parity.open_opencl_path`, what ``load(backend="opencl")`` and the
+    """The load-time switch (:func:`apr_numba.backends.parity.open_opencl_path`, what ``load(backend="opencl")`` and the
     CLI call) run twice on copies of the CPU model, stderr captured, no verbosity anywhere:
 
     * clean kernels: the parity gate must have run (a ParityResult with its probe steps);
@@ -132,7 +132,7 @@ def cpu_gpu_003(ctx, *, silence: bool = False) -> Measured:
     with ``APR_OPENCL_FAULT=scale``, no -v): one rejection line on stderr, exit 0, backend cpu. Value: failed
     checks. Injection: ``silence`` makes the rejection report a no-op (a regression that logs it only with
     --verbose)."""
-    from .. import parity
+    from apr_numba.backends import parity
 
     bad = []
     clean = ctx.open_gated()
@@ -180,7 +180,7 @@ def cpu_gpu_003(ctx, *, silence: bool = False) -> Measured:
 
 
 _IGNORE_NO_GPU = """
-import apr_numba.model as _M
+import apr_numba.model.decoder as _M
 _orig_load = _M.load
 def _load(*a, **k):
     k["no_gpu"] = False
@@ -233,14 +233,14 @@ def _kv_fingerprint(state) -> tuple[int, str]:
 
 
 def cpu_gpu_005(ctx, *, backend=None, steps: int | None = None) -> Measured:
-    """The production probe :func:`apr_numba.parity.run_parity_gate` (N decode steps, one token each, from BOS,
+    """The production probe :func:`apr_numba.backends.parity.run_parity_gate` (N decode steps, one token each, from BOS,
     both sides advanced by the CPU argmax, each on its own KV cache) against the OpenCL backend. Value: the smallest
     per-step cosine. ``also.probe_violations``: the probe stopped before N steps; ``parity_steps`` does not default
     to 3 or does not accept exactly 1..16; the model's own KV cache changed during the probe.
 
     Injection: ``backend``; ``steps`` (N, default ``parity_steps()``)."""
-    from ..errors import ArgumentError
-    from ..parity import DEFAULT_STEPS, MAX_STEPS, parity_steps, run_parity_gate
+    from apr_numba.backends.parity import DEFAULT_STEPS, MAX_STEPS, parity_steps, run_parity_gate
+    from apr_numba.errors import ArgumentError
 
     be = _backend(ctx, backend)
     m = ctx.model
@@ -282,7 +282,7 @@ def cpu_gpu_006(ctx, *, backend=None, steps: int | None = None) -> Measured:
     (matrix-matrix kernels, T > 1 tokens at once) and its last-position logits are compared with the CPU's
     incremental decode at that position; the next token is the CPU's argmax. N = ``parity_steps()`` (3).
     Value: the smallest cosine."""
-    from ..parity import parity_steps
+    from apr_numba.backends.parity import parity_steps
 
     be = _backend(ctx, backend)
     m = ctx.model

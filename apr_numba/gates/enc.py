@@ -1,4 +1,4 @@
-"""ENC-001..004 on the BERT encoder (:class:`~apr_numba.encoder.EncoderModel`, default minilm-l6).
+"""ENC-001..004 on the BERT encoder (:class:`~apr_numba.encoder.model.EncoderModel`, default minilm-l6).
 
 ENC-003's reference: ``apr_numba/gates/data/hf_minilm-l6_ref.npz`` (package data, 54 KB) holds HF
 ``BertModel``'s float32 ``last_hidden_state`` of three sentences of the test fixture
@@ -16,7 +16,7 @@ from importlib import resources
 
 import numpy as np
 
-from .core import Measured, NotApplicable
+from apr_numba.gates.core import Measured, NotApplicable
 
 ENC002_RANGE = 10.0
 REF_NPZ, REF_JSON = "hf_minilm-l6_ref.npz", "hf_minilm-l6_ref.json"
@@ -151,7 +151,7 @@ def enc_004(ctx, *, pooling: str = "cls") -> Measured:
 
     Injection: ``pooling`` ("mean" in place of CLS).
     """
-    from ..embedding import embed
+    from apr_numba.encoder.embedding import embed
 
     enc = ctx.encoder
     emb = embed(enc, list(CLS_TEXTS), pooling=pooling, normalize=False)

@@ -52,8 +52,8 @@ VALGRIND_FEATURES = "+64bit,+cmov,+cx16,+fxsr,+mmx,+popcnt,+sahf,+sse,+sse2,+sse
 def shapes():
     """The validation shapes: the kernel families (U4 with offsets, I8 k=32 and k=16 without, U5, F32) at model-like
     sizes, one where x is evicted between row groups, one small enough to stay in L1."""
-    from ..quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5
-    from .l1proxy import KernelShape
+    from apr_numba.gates.l1proxy import KernelShape
+    from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5
 
     return [KernelShape(FAMILY_U4, 256, 576, 16, True),   # Q4_0/Q4_1/Q4_K, smollm2 width
             KernelShape(FAMILY_I8, 128, 896, 32, False),  # Q8_0, qwen2 width
@@ -66,8 +66,8 @@ def shapes():
 
 def make_case(ks, seed: int = 0):
     """(out, x, kernel tuple) with random codes for a KernelShape."""
-    from ..quants.layouts import FAMILY_F32, FAMILY_U5
-    from .l1proxy import LANES
+    from apr_numba.gates.l1proxy import LANES
+    from apr_numba.quants.layouts import FAMILY_F32, FAMILY_U5
 
     rng = np.random.default_rng(seed)
     G = ks.groups
@@ -87,8 +87,8 @@ def make_case(ks, seed: int = 0):
 
 def _precompile() -> int:
     """Compile the kernel into NUMBA_CACHE_DIR and print the proxy of every shape (JSON) for this code."""
-    from .l1proxy import code_profile, l1_miss_proxy, l1d_geometry
-    from .serial import serial_matvec
+    from apr_numba.gates.l1proxy import code_profile, l1_miss_proxy, l1d_geometry
+    from apr_numba.gates.serial import serial_matvec
 
     out = []
     for ks in shapes():
@@ -104,7 +104,7 @@ def _precompile() -> int:
 
 def _measure(outdir: str, r1: int, r2: int) -> int:
     """Under valgrind: fork a child per (shape, reps) after everything is loaded; write the pid manifest."""
-    from .serial import serial_matvec
+    from apr_numba.gates.serial import serial_matvec
 
     cases = []
     for ks in shapes():
@@ -151,7 +151,7 @@ def validate(r1: int = R1, r2: int = R2, cache_dir: str | None = None, timeout: 
     Raises:
         RuntimeError: valgrind is missing or a run failed.
     """
-    from .l1proxy import l1d_geometry
+    from apr_numba.gates.l1proxy import l1d_geometry
 
     vg = shutil.which("valgrind")
     if vg is None:

@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5
+from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5
 
 LANES = 64
 SYSFS_CACHE = "/sys/devices/system/cpu/cpu{cpu}/cache"
@@ -280,8 +280,8 @@ def _kernel_asm() -> str:
     list cached code)."""
     from numba import njit
 
-    from ..config import FASTMATH
-    from ..kernels.matmul import _group_dot
+    from apr_numba.kernels.matmul import _group_dot
+    from apr_numba.runtime import FASTMATH
 
     fn = njit(fastmath=FASTMATH, nogil=True, boundscheck=False)(_group_dot.py_func)
     G, nsub = 1, 1
@@ -452,7 +452,7 @@ def l1_miss_proxy(kernel, geometry: CacheGeometry | None = None, profile: dict |
 
 
 def model_proxy(weights, geometry: CacheGeometry | None = None, profile: dict | None = None) -> ProxyResult:
-    """The proxy over one decode step's matmuls of a model (:class:`~apr_numba.weights.ModelWeights` or a
+    """The proxy over one decode step's matmuls of a model (:class:`~apr_numba.model.weights.ModelWeights` or a
     list of packed matrices / kernel tuples): total load misses / total loads (each matrix streamed once,
     cold), footprint = the largest tile. ``details['per_kernel']`` lists the distinct matrix shapes."""
     mats = getattr(weights, "packed", weights)

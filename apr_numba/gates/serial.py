@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..config import FASTMATH
-from ..kernels.matmul import _group_dot
+from apr_numba.kernels.matmul import _group_dot
+from apr_numba.runtime import FASTMATH
 
 
 @njit(fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .core import Measured, NotApplicable
+from apr_numba.gates.core import Measured, NotApplicable
 
 # --------------------------------------------------------------------------------------------- WS-001
 
@@ -33,12 +33,12 @@ def minimal_model(model, n_ctx: int = 64):
     """
     from numba import typed
 
-    from ..kernels.matmul import packed_tuple
-    from ..model import LoadStats, Model
-    from ..model_config import ModelConfig
-    from ..quants.layouts import FAMILY_F32, FAMILY_U4, FAMILY_U5
-    from ..quants.repack import LANES, PackedMatrix
-    from ..weights import LAYER_MATS, ModelWeights
+    from apr_numba.kernels.matmul import packed_tuple
+    from apr_numba.model.decoder import LoadStats, Model
+    from apr_numba.model.hparams import ModelConfig
+    from apr_numba.model.weights import LAYER_MATS, ModelWeights
+    from apr_numba.quants.layouts import FAMILY_F32, FAMILY_U4, FAMILY_U5
+    from apr_numba.quants.repack import LANES, PackedMatrix
 
     c = model.config
     cfg = ModelConfig(arch=c.arch, n_layer=c.n_layer, n_embd=MIN_DIM, n_head=c.n_rep, n_head_kv=1, n_ff=MIN_DIM,
@@ -114,7 +114,7 @@ def ws_001(ctx, *, step_hook=None) -> Measured:
     times = decode_step_times(mini, steps=steps, rounds=3, step_hook=step_hook)
     med = statistics.median(times)
     macs = sum(pm.rows * pm.cols for pm in mini.weights.packed)
-    from .. import config as _config
+    from apr_numba import runtime as _config
 
     return Measured(med * 1e3, detail=(
         f"median of {len(times)} decode steps of a {m.config.n_layer}-layer {m.config.arch} model with the same "
@@ -134,7 +134,7 @@ def ws_002(ctx, *, kernels=None, profile=None, geometry=None) -> Measured:
 
     Injection: ``kernels`` (matrices / KernelShapes instead of the model's), ``profile``, ``geometry``.
     """
-    from .l1proxy import code_profile, l1d_geometry, model_proxy
+    from apr_numba.gates.l1proxy import code_profile, l1d_geometry, model_proxy
 
     mats = kernels if kernels is not None else ctx.model.weights.packed
     geo = geometry or l1d_geometry()
@@ -182,7 +182,7 @@ def random_blocks(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
 
 def parallel_product(out, x, w) -> None:
     """The production parallel matvec: ``matmul3`` (prange over row groups) for T = 1."""
-    from ..kernels.matmul import matmul3
+    from apr_numba.kernels.matmul import matmul3
 
     matmul3(out, x, w, w, w, 1)
 
@@ -198,11 +198,11 @@ def ws_003(ctx, *, kernel=None, rows: int = 200, cols: int = 512) -> Measured:
     """
     from gguf import GGMLQuantizationType
 
-    from ..config import threading_layer
-    from ..kernels.matmul import packed_tuple
-    from ..quants.layouts import decode_codes
-    from ..quants.repack import pack
-    from .serial import serial_matvec
+    from apr_numba.gates.serial import serial_matvec
+    from apr_numba.kernels.matmul import packed_tuple
+    from apr_numba.quants.layouts import decode_codes
+    from apr_numba.quants.repack import pack
+    from apr_numba.runtime import threading_layer
 
     kern = kernel or parallel_product
     rng = np.random.default_rng(3)
@@ -231,7 +231,7 @@ def ws_003(ctx, *, kernel=None, rows: int = 200, cols: int = 512) -> Measured:
 
 def decode_rate(model, threads: int, n_tokens: int) -> float:
     """Decode tok/s of ``model`` with ``threads`` kernel threads: n_tokens steps after a 1-token prompt."""
-    from .. import config as _config
+    from apr_numba import runtime as _config
 
     _config.set_threads(threads)
     state = model.new_state(min(model.n_ctx, n_tokens + 1))
@@ -257,7 +257,7 @@ def ws_004(ctx, *, workload=None, serialize: bool = False, n: int | None = None)
     Injection: ``workload(threads) -> rate`` replaces the decode measurement; ``serialize`` runs the N-thread
     measurement on 1 thread (a serialization regression); ``n`` forces N.
     """
-    from .. import config as _config
+    from apr_numba import runtime as _config
 
     N = n or scaling_threads()
     if N < 2:

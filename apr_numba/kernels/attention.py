@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..config import FASTMATH, clone_function
-from ..stages import F_ATTN_SCALE, F_CAUSAL_MASK_OFF, F_GQA_MAP, F_SOFTMAX_NO_MAX
+from apr_numba.arch.stages import F_ATTN_SCALE, F_CAUSAL_MASK_OFF, F_GQA_MAP, F_SOFTMAX_NO_MAX
+from apr_numba.runtime import FASTMATH, clone_function
 
 _F16_MAX = np.float32(65504.0)
 
@@ -35,7 +35,7 @@ def _attention(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim,
     Keys/values for positions < pos0 + T must already be in the cache. Parallel over (t, head).
 
     Args:
-        faults: int64 (N_FAULTS,) teaching-fault flags of this layer (apr_numba.stages): F_ATTN_SCALE
+        faults: int64 (N_FAULTS,) teaching-fault flags of this layer (apr_numba.arch.stages): F_ATTN_SCALE
             drops 1/sqrt(head_dim); F_CAUSAL_MASK_OFF lets every query see all pos0+T keys; F_GQA_MAP maps
             head h to KV head (h // n_rep + 1) % n_kv; F_SOFTMAX_NO_MAX skips the max subtraction and
             overflows like float16 (exp > 65504 -> inf).

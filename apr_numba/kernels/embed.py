@@ -12,7 +12,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from ..config import FASTMATH
+from apr_numba.runtime import FASTMATH
 
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 = int(T.Q8_0), int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q5_1)
 Q4_K, Q6_K, F32, F16, BF16 = int(T.Q4_K), int(T.Q6_K), int(T.F32), int(T.F16), int(T.BF16)

@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ..config import FASTMATH
+from apr_numba.runtime import FASTMATH
 
 _INV_SQRT2 = 0.7071067811865476
 

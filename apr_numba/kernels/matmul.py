@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..config import FASTMATH, clone_function
-from ..quants.layouts import FAMILY_I8, FAMILY_U4, FAMILY_U5
+from apr_numba.quants.layouts import FAMILY_I8, FAMILY_U4, FAMILY_U5
+from apr_numba.runtime import FASTMATH, clone_function
 
 _C16 = np.float32(16.0)
 _C1_16 = np.float32(0.0625)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..config import FASTMATH
+from apr_numba.runtime import FASTMATH
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True, boundscheck=False)

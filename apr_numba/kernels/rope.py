@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..config import FASTMATH
-from ..model_config import ROPE_NEOX
+from apr_numba.model.hparams import ROPE_NEOX
+from apr_numba.runtime import FASTMATH
 
 
 def rope_tables(n_ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:

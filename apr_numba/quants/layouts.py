@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..errors import ModelFormatError
+from apr_numba.errors import ModelFormatError
 
 QK_K = 256
 
@@ -56,7 +56,7 @@ assert BLOCKS[T.Q5_1] == (32, 2 + 2 + 4 + 16), "wrong q5_1 block size/padding"
 assert BLOCKS[T.Q4_K] == (QK_K, 2 + 2 + 12 + QK_K // 2), "wrong q4_K block size/padding"
 assert BLOCKS[T.Q6_K] == (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2), "wrong q6_K block size/padding"
 
-APR_Q4, APR_Q8 = 128, 129  # aprender's own dtypes (apr_numba.apr_format)
+APR_Q4, APR_Q8 = 128, 129  # aprender's own dtypes (apr_numba.formats.apr_format)
 SUPPORTED_TYPES = frozenset(BLOCKS) | {APR_Q4, APR_Q8}
 
 # Code families the kernels understand (see repack.py).

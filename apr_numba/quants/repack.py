@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..kernels.embed import f16_to_f32
-from .layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5, Codes
+from apr_numba.kernels.embed import f16_to_f32
+from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5, Codes
 
 LANES = 64
 Q5_TYPES = (6, 7)  # GGML Q5_0, Q5_1

@@ -1,0 +1,2 @@
+"""The ``apr-numba`` command line: argument parsing and one module per group of subcommands.
+"""

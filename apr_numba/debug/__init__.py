@@ -1,0 +1,3 @@
+"""Debugging tools on top of any backend: tracing stages to APRT files, stage diffs, bisection and teaching
+faults.
+"""

@@ -1,0 +1,610 @@
+"""Tensor tracing: save every intermediate tensor of a forward pass (aprender ``--save-tensor``).
+
+One prefill pass of the prompt (positions 0..T-1, a fresh KV cache) is run on a backend and the
+requested stages of the requested layers are captured::
+
+    tr = apr_numba.debug.trace("smollm2-135m", "The capital of France is", stages="all")
+    tr.get("attn_softmax", layer=3)          # float32 (n_head, T, T)
+    tr.save("trace-cpu")                     # trace-cpu/layer-3/attn_softmax.bin (APRT), ...
+
+``apr-numba trace MODEL -p PROMPT --save-tensor STAGES|all --save-tensor-layers A..B --save-tensor-dir DIR
+--backend cpu|opencl|reference [--inject FAULT]`` does the same from the shell.
+
+Stages (:class:`SaveTensorStage`) are aprender's, in canonical compute order; each names its llama.cpp
+graph tensor (the ``cb(cur, "name", il)`` names that ``llama-eval-callback`` / ``GGML_SCHED`` debug dumps
+show) and its HF transformers counterpart, so traces line up with both tools.
+
+Backends:
+
+* ``cpu``: the compiled Numba forward fills a trace buffer through its ``dbg`` table (offsets per
+  (stage, layer), -1 = not traced). The untraced path runs the same code with an all -1 table, so tracing
+  costs one integer compare per stage when off (``bench/bench_trace_overhead.py``), and capture only
+  copies: it never changes what the forward computes (tests/test_trace.py checks greedy tokens).
+* ``reference``: the float64 NumPy oracle (:mod:`apr_numba.backends.reference`), rounded to float32 when saved.
+* ``opencl``: the OpenCL backend through the same ``dbg`` tuple (``OpenCLBackend.run(..., dbg=)``,
+  :mod:`apr_numba.backends.opencl_trace`); the weight fault q4k-scale runs on a backend built over the corrupted
+  bytes (:class:`apr_numba.debug.faults.PatchedSource`).
+
+Shapes: per-layer stages are (T, width); ``attn_scores`` / ``attn_softmax`` are (n_head, T, T) with zeros
+above the diagonal (scores are scaled by 1/sqrt(head_dim) and shown before the mask: the causal part a
+correct kernel computes; what the mask does shows in the softmax); ``lm_head`` is (T, n_vocab) (every
+position); ``embedding`` belongs to layer 0 (``DIR/layer-0/embedding.bin``).
+
+APRT file (aprender's): ``b"APRT"``, u32 layer (0xFFFFFFFF for whole-model stages), u32 element count n,
+n float32, little-endian, NaN bits kept. A ``trace.json`` beside the files records the model, backend,
+token ids, fault and shapes (APRT itself stores no shape).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from apr_numba.arch.stages import ALIASES, MOE_STAGES, N_STAGES, STAGE_ID, STAGES, WHOLE_MODEL_STAGES
+from apr_numba.errors import ArgumentError, ModelFormatError
+
+APRT_MAGIC = b"APRT"
+WHOLE_MODEL_LAYER = 0xFFFFFFFF
+TRACE_JSON = "trace.json"
+TRACE_SCHEMA = "apr-numba-trace-v1"
+BACKENDS = ("cpu", "opencl", "reference")
+
+
+class SaveTensorStage(str, Enum):
+    """aprender's trace stages, in canonical compute order (``apr_numba.arch.stages.STAGES``).
+
+    Each member's docstring says what the tensor is, then ``llama.cpp:`` its graph tensor name and
+    ``HF:`` the transformers value it equals. ``llama_cpp`` / ``hf`` hold those names.
+    """
+
+    def __new__(cls, value: str, doc: str, llama_cpp: str, hf: str):
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.__doc__ = f"{doc} llama.cpp: {llama_cpp}. HF: {hf}."
+        obj.llama_cpp = llama_cpp
+        obj.hf = hf
+        return obj
+
+    EMBEDDING = ("embedding", "Token embedding rows, (T, n_embd); stored as layer 0's.", "inp_embd",
+                 "model.embed_tokens(input_ids) = hidden_states[0]")
+    ATTN_NORM = ("attn_norm", "RMSNorm(x) * attn_norm weight, (T, n_embd).", "attn_norm",
+                 "layers[N].input_layernorm output")
+    QKV_MATMUL = ("qkv_matmul", "[h Wq^T | h Wk^T | h Wv^T] before bias, (T, q_dim + 2 kv_dim).",
+                  "Qcur / Kcur / Vcur after build_lora_mm (before the bias add)",
+                  "self_attn.q_proj/k_proj/v_proj outputs minus their bias")
+    QKV_BIAS = ("qkv_bias", "Q|K|V after the bias add (= qkv_matmul when the model has no bias).",
+                "Qcur / Kcur / Vcur after ggml_add(bq/bk/bv)", "self_attn.q_proj/k_proj/v_proj outputs")
+    Q_POST_ROPE = ("q_post_rope", "Queries after RoPE, (T, n_head * head_dim).", "Qcur after ggml_rope_ext",
+                   "query_states after apply_rotary_pos_emb (llama: GGUF row order, permuted per head)")
+    K_POST_ROPE = ("k_post_rope", "Keys after RoPE, (T, n_head_kv * head_dim).", "Kcur after ggml_rope_ext",
+                   "key_states after apply_rotary_pos_emb")
+    ATTN_SCORES = ("attn_scores", "q k^T / sqrt(head_dim) before the mask, (n_head, T, T), zeros above the "
+                   "diagonal.", "kq (llama.cpp applies the scale inside kq_soft_max; kq * scale)",
+                   "eager_attention_forward attn_weights = q @ k^T * scaling, before + causal_mask")
+    ATTN_SOFTMAX = ("attn_softmax", "Masked softmax of the scores, (n_head, T, T).", "kq_soft_max",
+                    "attentions (output_attentions=True)")
+    ATTENTION = ("attention", "softmax . V per head, heads concatenated, before the output projection, "
+                 "(T, n_head * head_dim).", "kqv (kqv_merged_cont)", "attn_output before o_proj")
+    ATTN_OUT = ("attn_out", "Attention output projection, (T, n_embd).", "kqv_out (attn_out)",
+                "self_attn.o_proj output")
+    POST_ATTN_RESIDUAL = ("post_attn_residual", "x + attn_out, (T, n_embd).", "ffn_inp",
+                          "residual + self_attn output (input of post_attention_layernorm)")
+    FFN_NORM = ("ffn_norm", "RMSNorm(x) * ffn_norm weight, (T, n_embd).", "ffn_norm",
+                "layers[N].post_attention_layernorm output")
+    FFN_GATE = ("ffn_gate", "h Wgate^T, (T, n_ff).", "ffn_gate", "mlp.gate_proj output")
+    FFN_UP = ("ffn_up", "h Wup^T, (T, n_ff).", "ffn_up", "mlp.up_proj output")
+    FFN_SILU = ("ffn_silu", "silu(gate) = g / (1 + e^-g), (T, n_ff).", "ffn_silu (unfused path)",
+                "mlp.act_fn(gate_proj(x))")
+    FFN_SWIGL = ("ffn_swigl", "silu(gate) * up, (T, n_ff).", "ffn_swiglu", "input of mlp.down_proj")
+    FFN_OUT = ("ffn_out", "Down projection, (T, n_embd).", "ffn_out", "mlp.down_proj output (mlp output)")
+    POST_FFN_RESIDUAL = ("post_ffn_residual", "Block output x + ffn_out, (T, n_embd); alias layer_output.",
+                         "l_out", "hidden_states[N + 1] (for the last block HF stores the final norm instead)")
+    MOE_ROUTER = ("moe_router", "Router logits (mixture-of-experts models only).", "ffn_moe_logits",
+                  "router_logits (Qwen2MoE / Mixtral gate)")
+    MOE_FFN_OUT = ("moe_ffn_out", "Weighted sum of the selected experts (MoE only).", "ffn_moe_out",
+                   "sparse MoE block output")
+    MOE_ROUTER_INDICES = ("moe_router_indices", "Top-k expert ids (MoE only).", "ffn_moe_topk",
+                          "selected_experts")
+    FINAL_NORM = ("final_norm", "RMSNorm of the last block output * output_norm, (T, n_embd); whole-model.",
+                  "result_norm", "hidden_states[-1] (HF's last entry is after the final norm)")
+    LM_HEAD = ("lm_head", "Logits of every position, (T, n_vocab); whole-model.", "result_output",
+               "logits")
+
+
+assert tuple(s.value for s in SaveTensorStage) == STAGES, "SaveTensorStage must follow apr_numba.arch.stages.STAGES"
+DENSE_STAGES = tuple(s for s in STAGES if s not in MOE_STAGES)
+
+
+def stage_doc(name: str) -> str:
+    """The docstring of a stage (aliases accepted)."""
+    return SaveTensorStage(ALIASES.get(name, name)).__doc__
+
+
+# ----------------------------------------------------------------------------------------- parsing
+
+
+def parse_stages(spec, moe: bool = False, model_desc: str = "this model") -> list[str]:
+    """Stage names in canonical order from a comma list (case-insensitive, trimmed), ``all``, or a list.
+
+    ``layer_output`` is an alias of ``post_ffn_residual``. ``all`` means every stage the model has
+    (moe_* only for MoE models).
+
+    Raises:
+        ArgumentError: empty item, unknown stage, or a moe_* stage on a dense model.
+    """
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [str(s).strip().lower() for s in items]
+    if not names or any(not n for n in names):
+        raise ArgumentError(f"empty stage name in {spec!r} (expected a comma list of stages or 'all')")
+    want = set()
+    for n in names:
+        if n == "all":
+            want.update(STAGES if moe else DENSE_STAGES)
+            continue
+        n = ALIASES.get(n, n)
+        if n not in STAGE_ID:
+            raise ArgumentError(f"unknown stage {n!r} (choose from all, {', '.join(STAGES)}, "
+                                f"{', '.join(ALIASES)})")
+        if n in MOE_STAGES and not moe:
+            raise ArgumentError(f"stage {n!r} exists only for mixture-of-experts models; {model_desc} is dense")
+        want.add(n)
+    return [s for s in STAGES if s in want]
+
+
+def parse_layers(spec, n_layer: int) -> list[int]:
+    """Layers from ``None``/``all``, ``N``, ``A..B`` (inclusive; ``A..=B`` too) or comma lists of those.
+
+    Raises:
+        ArgumentError: malformed, empty or out of range [0, n_layer).
+    """
+    if spec is None:
+        return list(range(n_layer))
+    if isinstance(spec, int):
+        spec = str(spec)
+    if not isinstance(spec, str):
+        out = sorted({int(x) for x in spec})
+    elif spec.strip().lower() == "all":
+        return list(range(n_layer))
+    else:
+        out = set()
+        for part in spec.split(","):
+            part = part.strip()
+            try:
+                if ".." in part:
+                    a, b = part.split("..", 1)
+                    b = b.lstrip("=")
+                    lo = int(a) if a.strip() else 0
+                    hi = int(b) if b.strip() else n_layer - 1
+                    if lo > hi:
+                        raise ArgumentError(f"empty layer range {part!r}")
+                    out.update(range(lo, hi + 1))
+                else:
+                    out.add(int(part))
+            except ValueError:
+                raise ArgumentError(f"bad layer spec {spec!r} (expected N, A..B or a comma list)") from None
+        out = sorted(out)
+    if not out:
+        raise ArgumentError(f"no layers in {spec!r}")
+    bad = [x for x in out if not 0 <= x < n_layer]
+    if bad:
+        raise ArgumentError(f"layer {bad[0]} out of range (model has layers 0..{n_layer - 1})")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ APRT files
+
+
+def write_aprt(path, array, layer: int | None) -> Path:
+    """Write an APRT file: magic, u32 layer (None -> 0xFFFFFFFF), u32 n, n float32 (little-endian)."""
+    a = np.ascontiguousarray(np.asarray(array), dtype="<f4").reshape(-1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(APRT_MAGIC + struct.pack("<II", WHOLE_MODEL_LAYER if layer is None else int(layer), a.size))
+        fh.write(a.tobytes())
+    return path
+
+
+def read_aprt(path) -> tuple[int | None, np.ndarray]:
+    """(layer or None for whole-model, float32 values) of an APRT file.
+
+    Raises:
+        ModelFormatError: not an APRT file, or its size does not match its element count.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelFormatError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) < 12 or raw[:4] != APRT_MAGIC:
+        raise ModelFormatError(f"{path}: not an APRT tensor file (magic {raw[:4]!r}, expected b'APRT')")
+    layer, n = struct.unpack("<II", raw[4:12])
+    if len(raw) != 12 + 4 * n:
+        raise ModelFormatError(f"{path}: APRT header says {n} float32 values ({12 + 4 * n} bytes) but the file "
+                               f"has {len(raw)} bytes")
+    return (None if layer == WHOLE_MODEL_LAYER else int(layer)), np.frombuffer(raw, "<f4", n, 12).copy()
+
+
+def stage_path(root, layer: int | None, stage: str) -> Path:
+    """``root/layer-N/<stage>.bin``, or ``root/<stage>.bin`` for whole-model stages."""
+    root = Path(root)
+    return root / f"{stage}.bin" if layer is None else root / f"layer-{layer}" / f"{stage}.bin"
+
+
+# ------------------------------------------------------------------------------------------- the trace
+
+
+def chain_order(keys) -> list[tuple[int | None, str]]:
+    """(layer, stage) keys in compute order: layer 0's embedding, each layer's stages in canonical order,
+    then final_norm and lm_head."""
+    def k(key):
+        layer, stage = key
+        return (1 << 30 if layer is None else layer, STAGE_ID[stage])
+    return sorted(keys, key=k)
+
+
+def _key_name(key) -> str:
+    layer, stage = key
+    return stage if layer is None else f"layer-{layer}/{stage}"
+
+
+@dataclass
+class Trace:
+    """The captured stages of one forward pass.
+
+    Attributes:
+        tensors: {(layer, stage): float32 array}; layer None for final_norm / lm_head.
+        tokens: the prompt's token ids. backend: "cpu" / "reference" / "opencl" / "dir".
+        model: model path or name. fault: the injected fault spec or None. notes: remarks on the fault.
+        n_layer: the model's layer count. source: the folder it was loaded from, if any.
+    """
+
+    tensors: dict
+    tokens: list[int]
+    backend: str
+    model: str = ""
+    fault: str | None = None
+    notes: list[str] = field(default_factory=list)
+    n_layer: int = 0
+    source: str | None = None
+
+    def get(self, stage: str, layer: int | None = None) -> np.ndarray:
+        """The array of ``stage`` (aliases accepted) at ``layer`` (ignored for whole-model stages)."""
+        stage = ALIASES.get(stage, stage)
+        key = (None, stage) if stage in WHOLE_MODEL_STAGES else (layer, stage)
+        if key not in self.tensors:
+            raise KeyError(f"stage {_key_name(key)} was not traced")
+        return self.tensors[key]
+
+    def keys(self) -> list[tuple[int | None, str]]:
+        """Traced (layer, stage) keys in compute order."""
+        return chain_order(self.tensors)
+
+    def save(self, root) -> list[Path]:
+        """Write every stage as an APRT file under ``root`` and a ``trace.json``; returns the file paths."""
+        root = Path(root)
+        paths = [write_aprt(stage_path(root, layer, stage), self.tensors[(layer, stage)], layer)
+                 for layer, stage in self.keys()]
+        meta = {"schema": TRACE_SCHEMA, "model": self.model, "backend": self.backend, "tokens": list(self.tokens),
+                "fault": self.fault, "notes": self.notes, "n_layer": self.n_layer,
+                "shapes": {_key_name(k): list(self.tensors[k].shape) for k in self.keys()}}
+        root.mkdir(parents=True, exist_ok=True)
+        (root / TRACE_JSON).write_text(json.dumps(meta, indent=1))
+        return paths
+
+    @classmethod
+    def load(cls, root) -> Trace:
+        """Read a trace folder (APRT files; shapes and tokens from ``trace.json`` when present).
+
+        Raises:
+            ModelFormatError: not a folder, no stage files, a bad file or a layer that contradicts its folder.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise ModelFormatError(f"{root}: not a trace directory")
+        meta = {}
+        if (root / TRACE_JSON).exists():
+            meta = json.loads((root / TRACE_JSON).read_text())
+        shapes = meta.get("shapes", {})
+        tensors = {}
+        files = [(None, p) for p in root.glob("*.bin")]
+        for d in root.glob("layer-*"):
+            if d.is_dir() and d.name[6:].isdigit():
+                files += [(int(d.name[6:]), p) for p in d.glob("*.bin")]
+        for want_layer, p in files:
+            stage = p.stem
+            if stage not in STAGE_ID:
+                continue
+            layer, a = read_aprt(p)
+            if layer != want_layer or (layer is None) != (stage in WHOLE_MODEL_STAGES):
+                raise ModelFormatError(f"{p}: APRT layer {'whole-model' if layer is None else layer} does not "
+                                       f"match its place in the trace folder")
+            key = (layer, stage)
+            shp = shapes.get(_key_name(key))
+            tensors[key] = a.reshape(shp) if shp and int(np.prod(shp)) == a.size else a
+        if not tensors:
+            raise ModelFormatError(f"{root}: no APRT stage files (layer-N/<stage>.bin or <stage>.bin)")
+        n_layer = meta.get("n_layer") or 1 + max((la for la, _ in tensors if la is not None), default=-1)
+        return cls(tensors, list(meta.get("tokens", [])), "dir", meta.get("model", ""), meta.get("fault"),
+                   list(meta.get("notes", [])), int(n_layer or 0), str(root))
+
+
+# ------------------------------------------------------------------------------------------- capture
+
+
+def stage_shape(config, stage: str, T: int, nk: int | None = None) -> tuple[int, ...]:
+    """Shape of a stage for T positions (nk keys for the attention stages, default T)."""
+    c = config
+    nk = T if nk is None else nk
+    width = {"qkv_matmul": c.q_dim + 2 * c.kv_dim, "qkv_bias": c.q_dim + 2 * c.kv_dim, "q_post_rope": c.q_dim,
+             "k_post_rope": c.kv_dim, "attention": c.q_dim, "ffn_gate": c.n_ff, "ffn_up": c.n_ff,
+             "ffn_silu": c.n_ff, "ffn_swigl": c.n_ff, "lm_head": c.n_vocab}
+    if stage in ("attn_scores", "attn_softmax"):
+        return (c.n_head, T, nk)
+    if stage in MOE_STAGES:
+        raise ArgumentError(f"stage {stage!r} exists only for mixture-of-experts models")
+    return (T, width.get(stage, c.n_embd))
+
+
+def wanted_keys(stages: list[str], layers: list[int]) -> list[tuple[int | None, str]]:
+    """(layer, stage) keys to capture: embedding only at layer 0, whole-model stages once."""
+    keys = []
+    for stage in stages:
+        if stage in WHOLE_MODEL_STAGES:
+            keys.append((None, stage))
+        elif stage == "embedding":
+            if 0 in layers:
+                keys.append((0, stage))
+        else:
+            keys += [(la, stage) for la in layers]
+    return chain_order(keys)
+
+
+def trace_table(config, keys, T: int, pos0: int = 0):
+    """The forward's capture table for ``keys``: (trace_off int64 (N_STAGES, n_layer), trace_buf float32,
+    {key: (offset, shape)}).
+
+    attn_scores and attn_softmax are captured together by the attention kernel, so asking for one
+    reserves room for both (only the one asked for is returned).
+    """
+    off = np.full((N_STAGES, config.n_layer), -1, np.int64)
+    where, total = {}, 0
+    kk = list(keys)
+    for layer, stage in keys:
+        if stage in ("attn_scores", "attn_softmax"):
+            other = (layer, "attn_softmax" if stage == "attn_scores" else "attn_scores")
+            if other not in kk:
+                kk.append(other)
+    for layer, stage in kk:
+        shape = stage_shape(config, stage, T, pos0 + T)
+        off[STAGE_ID[stage], 0 if layer is None else layer] = total
+        where[(layer, stage)] = (total, shape)
+        total += int(np.prod(shape))
+    buf = np.zeros(total, np.float32)
+    return off, buf, {k: where[k] for k in keys}
+
+
+def _tril_scores(tensors: dict) -> None:
+    """Show attn_scores lower-triangular (what a causal kernel computes before masking)."""
+    for (_, stage), a in tensors.items():
+        if stage == "attn_scores":
+            T, nk = a.shape[1:]
+            a[:] = np.tril(a, k=nk - T)
+
+
+def _fault_plan(model, inject):
+    from apr_numba.debug.faults import plan_fault
+
+    return plan_fault(inject, model.config, model.source) if inject is not None else None
+
+
+def faulty_mats(model, plan):
+    """A copy of ``model.weights.mats`` with the q4k-scale plan's matrices repacked from their corrupted
+    bytes (apr_numba.debug.faults.corrupted_raw), or None when the plan has no weight fault."""
+    if plan is None or not plan.matrices:
+        return None
+    from numba import typed
+
+    from apr_numba.debug.faults import faulty_source
+    from apr_numba.kernels.matmul import packed_tuple
+    from apr_numba.model.weights import LAYER_MATS, N_MATS
+    from apr_numba.quants.layouts import decode_codes
+    from apr_numba.quants.repack import pack
+
+    src = faulty_source(model.source, plan)
+    mats = typed.List()
+    for m in model.weights.mats:
+        mats.append(m)
+    for layer, slot in plan.matrices:
+        name = f"blk.{layer}.{slot}.weight"
+        t = src.tensors[name]
+        mats[N_MATS * layer + LAYER_MATS.index(slot)] = packed_tuple(pack(decode_codes(t.ggml_type, src.data(name),
+                                                                                       tuple(t.shape), name)))
+    return mats
+
+
+def _trace_buffers(model, keys, T: int, plan):
+    """(trace_buf, where, dbg tuple, logits buffer) for capturing ``keys`` of a T-token prefill with ``plan``."""
+    c = model.config
+    off, buf, where = trace_table(c, keys, T)
+    flags = plan.flag_table(c.n_layer) if plan is not None else None
+    dbg = model.debug_args(off, buf, flags, plan.rope_theta_alt if plan else None, plan.eps_alt if plan else None)
+    n_out = T if (None, "lm_head") in where else 0
+    return buf, where, dbg, np.empty((n_out, c.n_vocab), np.float32)
+
+
+def _trace_cpu(model, toks: np.ndarray, keys, plan) -> dict:
+    T = toks.size
+    buf, where, dbg, logits = _trace_buffers(model, keys, T, plan)
+    state = model.new_state(min(model.n_ctx, max(T, 1)), cpu=True)  # the Numba forward, whatever model.backend
+    model._run(toks, logits, model._no_capture, state, dbg, faulty_mats(model, plan))
+    out = {k: buf[o:o + int(np.prod(s))].reshape(s).copy() for k, (o, s) in where.items()}
+    if (None, "lm_head") in out:
+        out[(None, "lm_head")] = logits
+    return out
+
+
+_REFERENCE_MODELS: dict = {}
+
+
+def reference_model(model):
+    """The float64 :class:`~apr_numba.backends.reference.ReferenceModel` of a loaded Model, over its open source
+    (no second parse of the file); cached for the last two models."""
+    from apr_numba.backends.reference import ReferenceModel
+
+    key = (str(model.path), id(model.source))
+    if key not in _REFERENCE_MODELS:
+        while len(_REFERENCE_MODELS) >= 2:
+            _REFERENCE_MODELS.pop(next(iter(_REFERENCE_MODELS)))
+        _REFERENCE_MODELS[key] = ReferenceModel.from_source(model.source, model.config)
+    return _REFERENCE_MODELS[key]
+
+
+class single_thread_blas:  # noqa: N801 - used like a function: ``with single_thread_blas():``
+    """Run NumPy's OpenBLAS on one thread inside the block (restored after).
+
+    The reference multiplies a handful of rows by each weight matrix, and the stage diff takes dot
+    products: memory-bound work where extra BLAS threads only spin; on 2 shared cores they made the
+    reference ~10x slower. Found through the loaded library's ``*openblas*set_num_threads*`` symbol (as
+    threadpoolctl does); a no-op when there is none.
+    """
+
+    def __init__(self):
+        self.get = self.set = None
+        self.saved = None
+        try:
+            with open("/proc/self/maps") as fh:
+                libs = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and ln.split()[-1][0] == "/"})
+        except OSError:
+            libs = []
+        for path in libs:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix in ("scipy_openblas", "openblas"):
+                for suffix in ("64_", "_64_", ""):
+                    try:
+                        self.get = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                        self.set = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+                        return
+                    except AttributeError:
+                        continue
+
+    def __enter__(self):
+        if self.set is not None:
+            self.saved = int(self.get())
+            self.set(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.set is not None and self.saved:
+            self.set(self.saved)
+
+
+def _trace_reference(model, toks: np.ndarray, keys, plan) -> dict:
+    ref = reference_model(model)
+    layers = sorted({la for la, _ in keys if la is not None})
+    whole = any(la is None for la, _ in keys)
+    with single_thread_blas():
+        rec = ref.forward_traced(toks, layers, whole_model=whole, plan=plan)
+    return {k: np.asarray(rec[k], np.float32) for k in keys}
+
+
+_OPENCL_HOOK = ("the OpenCL backend does not capture stages: it needs OpenCLBackend.run(toks, logits, cap, "
+                "state, dbg=...) taking the CPU forward's dbg tuple (trace_off, trace_buf, layer_fault, "
+                "rope_cos_alt, rope_sin_alt, eps_alt) and filling trace_buf on the host after the pass")
+
+
+def _opencl_backend_for(model, plan=None):
+    """The model's OpenCL backend when it runs on one, else one made for tracing (kept on the model). With a
+    q4k-scale plan, a new backend over the corrupted bytes (apr_numba.debug.faults.PatchedSource)."""
+    from apr_numba.backends.opencl import OpenCLBackend
+
+    if plan is not None and plan.matrices:
+        from apr_numba.debug.faults import faulty_source
+
+        return OpenCLBackend(faulty_source(model.source, plan), config=model.config, n_ctx=model.n_ctx)
+    be = getattr(model, "_opencl", None) or getattr(model, "_trace_opencl", None)
+    if be is None:
+        be = model._trace_opencl = OpenCLBackend(model)
+    return be
+
+
+def _trace_opencl(model, toks: np.ndarray, keys, plan) -> dict:
+    """OpenCL capture through the backend's ``run(..., dbg=...)`` (the CPU forward's dbg contract)."""
+    try:
+        from apr_numba.backends.opencl import OpenCLBackend
+    except Exception as exc:  # noqa: BLE001 - no pyopencl / no device: say so plainly
+        raise ArgumentError(f"OpenCL backend unavailable: {exc}") from None
+    if "dbg" not in inspect.signature(OpenCLBackend.run).parameters:
+        raise ArgumentError(_OPENCL_HOOK)
+    be = _opencl_backend_for(model, plan)
+    T = toks.size
+    buf, where, dbg, logits = _trace_buffers(model, keys, T, plan)
+    be.run(toks, logits, model._no_capture, be.new_state(max(T, 1)), dbg=dbg)
+    out = {k: buf[o:o + int(np.prod(s))].reshape(s).copy() for k, (o, s) in where.items()}
+    if (None, "lm_head") in out:
+        out[(None, "lm_head")] = logits
+    return out
+
+
+_CAPTURE = {"cpu": _trace_cpu, "reference": _trace_reference, "opencl": _trace_opencl}
+
+
+def _as_model(model, n_ctx: int | None = None):
+    from apr_numba.model.decoder import Model, load
+
+    return model if isinstance(model, Model) else load(model, backend="cpu", n_ctx=n_ctx or 512)
+
+
+def trace(model, prompt: str | None = None, *, tokens=None, stages="all", layers=None, backend: str = "cpu",
+          inject: str | None = None, save_dir=None) -> Trace:
+    """Run the prompt once (prefill, fresh cache) on ``backend`` and capture the chosen stages.
+
+    Args:
+        model: a loaded :class:`~apr_numba.model.decoder.Model`, a registry name or a model path.
+        prompt: text (tokenized like ``apr-numba run``), or give ``tokens`` (ids) instead.
+        stages: comma list / list of stage names, or "all" (see :func:`parse_stages`).
+        layers: None/"all", "A..B" (inclusive), "N", or a list of layer numbers.
+        backend: "cpu", "reference" or "opencl".
+        inject: a teaching fault ``NAME[@LAYER]`` (apr_numba.debug.faults) injected on this backend.
+        save_dir: also write the APRT files (and trace.json) there.
+
+    Returns:
+        :class:`Trace` with float32 arrays.
+
+    Raises:
+        ArgumentError: bad stages / layers / backend / fault, or the backend cannot capture.
+    """
+    if backend not in BACKENDS:
+        raise ArgumentError(f"unknown trace backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    m = _as_model(model)
+    c = m.config
+    st = parse_stages(stages, moe=False, model_desc=f"{m.path.name} ({c.arch})")
+    lay = parse_layers(layers, c.n_layer)
+    if "embedding" in st and 0 not in lay and not (isinstance(stages, str) and stages.strip().lower() == "all"):
+        raise ArgumentError("the embedding stage is layer 0's input: include layer 0 in the traced layers")
+    if tokens is None:
+        if prompt is None:
+            raise ArgumentError("no prompt: pass a prompt or tokens")
+        from apr_numba.generation.generate import prompt_ids
+
+        tokens = prompt_ids(m, prompt)
+    toks = m._check_tokens(tokens, m.new_state(cpu=True))
+    plan = _fault_plan(m, inject)
+    keys = wanted_keys(st, lay)
+    tensors = _CAPTURE[backend](m, toks, keys, plan)
+    _tril_scores(tensors)
+    tr = Trace(tensors, [int(t) for t in toks], backend, str(m.path), inject, list(plan.notes) if plan else [],
+               c.n_layer)
+    if save_dir is not None:
+        tr.save(save_dir)
+    return tr

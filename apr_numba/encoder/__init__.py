@@ -1,0 +1,2 @@
+"""BERT-family sentence encoders (safetensors directories): weights, forward and pooled embeddings.
+"""

@@ -1,0 +1,330 @@
+"""``Model``: a loaded decoder (config, packed weights, tokenizer, KV cache) and ``load()``.
+
+The CPU backend runs :func:`apr_numba.backends.cpu_forward.forward` (Numba). State that persists between calls is
+the KV cache and the number of cached positions (``n_past``), as llama.cpp's ``llama_context``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apr_numba import runtime as _config
+from apr_numba.errors import ArgumentError, ModelFormatError
+from apr_numba.model.hparams import ModelConfig
+from apr_numba.model.weights import ModelWeights, load_weights
+
+DEFAULT_N_CTX = 4096
+BACKENDS = ("auto", "cpu", "opencl")
+
+
+@dataclass
+class KVState:
+    """A KV cache and how many positions it holds (llama.cpp's ``llama_kv_cache`` + ``n_past``).
+
+    k, v: float32 (n_layer, n_ctx, kv_dim). A model owns one; probes and shadows make their own
+    (:meth:`Model.new_state`) so they never touch the user's cache.
+    """
+
+    k: np.ndarray
+    v: np.ndarray
+    n_past: int = 0
+
+    @property
+    def n_ctx(self) -> int:
+        """Positions the cache can hold."""
+        return self.k.shape[1]
+
+
+@dataclass
+class LoadStats:
+    """Timings of ``load`` in seconds: open (parse or cache), tokenizer, pack, total."""
+
+    open_s: float = 0.0
+    tokenizer_s: float = 0.0
+    pack_s: float = 0.0
+    total_s: float = 0.0
+    from_cache: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _open_source(path: Path):
+    """Open a model file by its content: GGUF, or .apr (when that reader is available)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic == b"GGUF":
+        from apr_numba.formats.gguf_file import GGUFFile
+
+        return GGUFFile(path)
+    if magic == b"APR\x00":
+        try:
+            from apr_numba.formats.apr_file import AprFile  # added by the .apr format module
+        except ImportError as exc:  # pragma: no cover - until the .apr reader exists
+            raise ModelFormatError(f"{path}: .apr files are not supported by this build") from exc
+        return AprFile(path)
+    raise ModelFormatError(f"{path}: not a GGUF or .apr model file (magic {magic!r})")
+
+
+class Model:
+    """A decoder-only LLM ready to run.
+
+    Attributes:
+        path: model file. config: :class:`ModelConfig`. tokenizer: :class:`~apr_numba.model.tokenizer.Tokenizer`.
+        weights: :class:`~apr_numba.model.weights.ModelWeights`. n_ctx: KV cache length (positions).
+        backend: backend that runs ("cpu" or "opencl"). device: what it runs on (for OpenCL the device and
+        platform). parity: the OpenCL parity gate's :class:`~apr_numba.backends.parity.ParityResult`, or None when no
+        OpenCL path was tried. threads: kernel threads. n_past: positions in the KV cache.
+        load_stats: :class:`LoadStats`.
+    """
+
+    def __init__(self, source, tokenizer, weights: ModelWeights, n_ctx: int, threads: int, stats: LoadStats):
+        self.source = source
+        self.path = Path(source.path)
+        self.config: ModelConfig = weights.config
+        self.tokenizer = tokenizer
+        self.weights = weights
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self.backend = "cpu"
+        self.device = "cpu (Numba)"
+        self.parity = None
+        self._opencl = None  # an OpenCLBackend once it passed the parity gate (see parity.open_opencl_path)
+        self.load_stats = stats
+        from apr_numba.kernels.rope import rope_tables
+
+        c = self.config
+        self.rope_cos, self.rope_sin = rope_tables(n_ctx, c.head_dim, c.rope_theta)
+        self.state = self.new_state()
+        self._cfg = tuple(np.int64(v) for v in (c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff,
+                                                c.n_vocab, c.rope_type, int(weights.has_bias)))
+        self._no_capture = np.zeros((0, 0, 0), np.float32)
+        self.no_debug = self.debug_args()
+
+    # -- tokenizer -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (special tokens such as ``<|im_start|>`` matched whole)."""
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids) -> str:
+        """Text of token ids ``ids``."""
+        return self.tokenizer.decode(list(ids))
+
+    # -- forward ---------------------------------------------------------------------------
+    def new_state(self, n_ctx: int | None = None, cpu: bool = False) -> KVState:
+        """A fresh KV cache of n_ctx positions (default: the model's); np.zeros maps pages lazily.
+
+        On the OpenCL backend the cache is in device memory (an ``opencl_backend.DeviceKVState``) unless
+        ``cpu``; calls run on the path that owns their state, so a CPU state runs the Numba forward.
+        """
+        c, n = self.config, int(n_ctx or self.n_ctx)
+        if not 1 <= n <= self.n_ctx:
+            raise ArgumentError(f"state n_ctx must be in [1, {self.n_ctx}] (the model's RoPE table), got {n}")
+        if self._opencl is not None and not cpu:
+            return self._opencl.new_state(n)
+        return KVState(np.zeros((c.n_layer, n, c.kv_dim), np.float32), np.zeros((c.n_layer, n, c.kv_dim), np.float32))
+
+    @property
+    def n_past(self) -> int:
+        """Positions held in the model's own KV cache."""
+        return self.state.n_past
+
+    @n_past.setter
+    def n_past(self, value: int) -> None:
+        self.state.n_past = int(value)
+
+    @property
+    def k_cache(self) -> np.ndarray:
+        return self.state.k
+
+    @property
+    def v_cache(self) -> np.ndarray:
+        return self.state.v
+
+    def reset(self) -> None:
+        """Forget the cached positions (the KV cache is overwritten lazily)."""
+        self.state.n_past = 0
+
+    def _check_tokens(self, ids, state: KVState) -> np.ndarray:
+        toks = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if toks.size == 0:
+            raise ArgumentError("no tokens to evaluate (empty prompt)")
+        if toks.min() < 0 or toks.max() >= self.config.n_vocab:
+            raise ArgumentError(f"token id out of range [0, {self.config.n_vocab}): {int(toks.max())}")
+        n_ctx = state.n_ctx
+        if state.n_past + toks.size > n_ctx:
+            raise ArgumentError(f"{state.n_past + toks.size} positions exceed the context length {n_ctx} "
+                                f"(prompt too long; raise n_ctx up to {self.config.n_ctx_train})")
+        return toks
+
+    def eval(self, ids, n_logits: int = 1, capture_layers: bool = False, state: KVState | None = None):
+        """Append ``ids`` to the sequence (prefill when len > 1, decode when 1) and return logits.
+
+        Args:
+            ids: token ids (T,).
+            n_logits: how many trailing positions to compute logits for (0..T).
+            capture_layers: also return each block's output (post_ffn_residual), (n_layer, T, n_embd).
+            state: the KV cache to extend (default: the model's own).
+
+        Returns:
+            logits float32 (n_logits, n_vocab), or (logits, layer_outputs) with capture_layers.
+
+        Raises:
+            ArgumentError: empty input, out-of-range ids, or the context is full.
+        """
+        state = self.state if state is None else state
+        toks = self._check_tokens(ids, state)
+        n_logits = max(0, min(int(n_logits), toks.size))
+        logits = np.empty((n_logits, self.config.n_vocab), np.float32)
+        cap = (np.empty((self.config.n_layer, toks.size, self.config.n_embd), np.float32)
+               if capture_layers else self._no_capture)
+        self._run(toks, logits, cap, state)
+        state.n_past += toks.size
+        return (logits, cap) if capture_layers else logits
+
+    def debug_args(self, trace_off: np.ndarray | None = None, trace_buf: np.ndarray | None = None,
+                   layer_fault: np.ndarray | None = None, rope_theta_alt: float | None = None,
+                   eps_alt: float | None = None) -> tuple:
+        """The forward's ``dbg`` tuple (tracing offsets/buffer, per-layer teaching faults); see forward.forward.
+
+        Defaults trace nothing and inject nothing.
+        """
+        from apr_numba.arch.stages import N_FAULTS, N_STAGES
+
+        c = self.config
+        off = np.full((N_STAGES, c.n_layer), -1, np.int64) if trace_off is None else trace_off
+        buf = np.zeros(0, np.float32) if trace_buf is None else trace_buf
+        flt = np.zeros((c.n_layer, N_FAULTS), np.int64) if layer_fault is None else layer_fault
+        if rope_theta_alt is None:
+            cos_alt, sin_alt = self.rope_cos[:1], self.rope_sin[:1]
+        else:
+            from apr_numba.kernels.rope import rope_tables
+
+            cos_alt, sin_alt = rope_tables(self.n_ctx, c.head_dim, rope_theta_alt)
+        return (off, buf, flt, cos_alt, sin_alt, float(self.config.rms_eps if eps_alt is None else eps_alt))
+
+    def use_opencl(self, backend, parity) -> None:
+        """Run every later call on ``backend`` (an OpenCLBackend that passed the gate ``parity``)."""
+        self._opencl, self.parity = backend, parity
+        self.backend, self.device = "opencl", backend.device_name
+        self.state = backend.new_state(self.n_ctx)
+
+    def _run(self, toks: np.ndarray, logits: np.ndarray, cap: np.ndarray, state: KVState, dbg=None,
+             mats=None) -> None:
+        if not isinstance(state, KVState):  # a device KV cache: the OpenCL path
+            if dbg is not None or mats is not None:
+                raise ArgumentError("tracing and weight faults run on the CPU forward: pass a CPU state "
+                                    "(model.new_state(n, cpu=True))")
+            self._opencl.run(toks, logits, cap, state)
+            return
+        from apr_numba.backends.cpu_forward import forward
+
+        w = self.weights
+        forward(toks, np.int64(state.n_past), self._cfg, float(self.config.rms_eps), w.mats if mats is None else mats,
+                w.embd_raw, np.int64(w.embd_type), w.attn_norm, w.ffn_norm, w.bias_qkv, w.output_norm, self.rope_cos,
+                self.rope_sin, state.k, state.v, logits, cap, self.no_debug if dbg is None else dbg)
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits float32 (len(ids), n_vocab) for every position, from a fresh cache.
+
+        Raises:
+            ArgumentError: empty input, out-of-range ids, longer than the context.
+        """
+        self.reset()
+        out = self.eval(ids, n_logits=len(ids))
+        self.reset()
+        return out
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({self.path.name}: {c.arch}, {c.n_layer} layers, d={c.n_embd}, heads {c.n_head}/"
+                f"{c.n_head_kv}, vocab {c.n_vocab}, backend={self.backend}, threads={self.threads})")
+
+
+def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | None = None,
+         progress: bool = False, warmup: bool = True, device: int | None = None, no_gpu: bool = False,
+         opencl_fault: str | None = None) -> Model:
+    """Load a model for inference.
+
+    Args:
+        model: a :class:`Model` (returned as is), a registry name (pulled if missing), or a path to a
+            ``.gguf`` or ``.apr`` file.
+        backend: "auto" (OpenCL on the first GPU device, if there is one and it passes the parity gate;
+            else the CPU, silently), "cpu" (Numba; pyopencl is never imported), or "opencl" (OpenCL on any
+            device type, PoCL included, behind the parity gate; on rejection one
+            ``[apr-cpu-vs-gpu-output-parity-v1]`` line goes to stderr and the CPU runs).
+        device: OpenCL device index (``apr_numba.backends.opencl_kernels.list_devices()`` order; default
+            ``$APR_OPENCL_DEVICE``, else the first GPU, else with "opencl" the first device).
+        no_gpu: force the CPU path (same as backend="cpu"): no OpenCL context, no parity line.
+        opencl_fault: inject a kernel fault ("scale", or ``$APR_OPENCL_FAULT``) to test the parity gate.
+        threads: kernel threads (default: all cores).
+        n_ctx: KV cache length in positions (default min(4096, the model's training context)).
+        progress: show a progress bar while packing weights.
+        warmup: run one token through the forward so the kernels are compiled / loaded from Numba's
+            cache before the first real call (its time is ``load_stats.extra['warmup_s']``).
+
+    Raises:
+        ArgumentError: unknown model name or backend, bad threads/n_ctx/device, no_gpu with "opencl".
+        ModelFormatError: the file is missing, malformed, truncated or of an unsupported architecture.
+        PullError: a registry model could not be fetched.
+    """
+    if isinstance(model, Model):
+        return model
+    if backend not in BACKENDS:
+        raise ArgumentError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if no_gpu:
+        if backend == "opencl":
+            raise ArgumentError("no_gpu (--no-gpu/--cpu) contradicts backend 'opencl'")
+        backend = "cpu"
+    from apr_numba.hub.pull import resolve_model
+    from apr_numba.model.tokenizer import Tokenizer
+
+    _config.configure_threading()
+    nthreads = _config.set_threads(threads)
+    t0 = time.perf_counter()
+    path = resolve_model(model)
+    if path.is_dir():  # a HF safetensors directory: the BERT-family encoder
+        from apr_numba.encoder.model import load_encoder
+
+        return load_encoder(path, threads=threads)
+    src = _open_source(path)
+    t1 = time.perf_counter()
+    emb = src.tensors.get("token_embd.weight")
+    cfg = ModelConfig.from_metadata(src.metadata, str(path), n_vocab=emb.shape[0] if emb is not None else None)
+    tok_json = getattr(src, "tokenizer_json", None)
+    tok = Tokenizer.from_json(tok_json) if tok_json else Tokenizer.from_metadata(src.metadata, str(path))
+    if not getattr(src, "from_cache", True) and hasattr(src, "save_cache"):
+        src.save_cache(tok.to_json())
+    t2 = time.perf_counter()
+    weights = load_weights(src, cfg, progress=progress)
+    if hasattr(src, "release_pages"):
+        src.release_pages()  # the packed copy is what runs: don't keep the file's pages resident too
+    t3 = time.perf_counter()
+    ctx = int(n_ctx) if n_ctx is not None else min(DEFAULT_N_CTX, cfg.n_ctx_train)
+    if not 1 <= ctx <= max(cfg.n_ctx_train, 1):
+        raise ArgumentError(f"n_ctx must be in [1, {cfg.n_ctx_train}], got {ctx}")
+    stats = LoadStats(t1 - t0, t2 - t1, t3 - t2, 0.0, bool(getattr(src, "from_cache", False)))
+    m = Model(src, tok, weights, ctx, nthreads, stats)
+    if warmup:
+        # Load (or compile) the Numba kernels now, so the first prompt's timings measure the forward.
+        t4 = time.perf_counter()
+        m.eval([tok.bos_id if tok.bos_id is not None else 0], n_logits=1)
+        m.reset()
+        stats.extra["warmup_s"] = time.perf_counter() - t4
+    if backend != "cpu":
+        from apr_numba.backends.parity import open_opencl_path
+
+        t5 = time.perf_counter()
+        open_opencl_path(m, backend, device, opencl_fault)
+        stats.extra["opencl_s"] = time.perf_counter() - t5
+    stats.total_s = time.perf_counter() - t0
+    return m
+
+
+def default_threads() -> int:
+    """All cores Numba may use (``NUMBA_NUM_THREADS``, default: the CPU count)."""
+    return int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1))
