@@ -98,20 +98,20 @@ def main(argv=None) -> int:
     def run(variant: str) -> float:
         state = m.new_state(a.n_gen + 16, cpu=True)
         logits = np.empty((1, c.n_vocab), np.float32)
-        m._run(prompt, logits, m._no_capture, state)
+        m.forward_into(prompt, logits, m.no_capture, state)
         state.n_past = prompt.size
         tok = np.array([int(np.argmax(logits[0]))], np.int64)
         t0 = time.perf_counter()
         for _ in range(a.n_gen):
             if variant == "stripped":
-                fwd_stripped(tok, np.int64(state.n_past), m._cfg, float(c.rms_eps), w.mats, w.embd_raw,
-                             np.int64(w.embd_type), w.attn_norm, w.ffn_norm, w.bias_qkv, w.output_norm, m.rope_cos,
-                             m.rope_sin, state.k, state.v, logits, m._no_capture, m.no_debug)
+                fwd_stripped(tok, np.int64(state.n_past), m._cfg, m._fp, w.kernel_args(),
+                             (m.rope_cos, m.rope_sin, m.rope_layer), state.k, state.v, logits, m.no_capture,
+                             m.no_debug)
             elif variant == "untraced":
-                m._run(tok, logits, m._no_capture, state)
+                m.forward_into(tok, logits, m.no_capture, state)
             else:
                 off, buf, _ = trace_table(c, keys, 1, state.n_past)
-                m._run(tok, logits, m._no_capture, state, m.debug_args(off, buf))
+                m.forward_into(tok, logits, m.no_capture, state, m.debug_args(off, buf))
             state.n_past += 1
             tok[0] = int(np.argmax(logits[0]))
         return a.n_gen / (time.perf_counter() - t0)

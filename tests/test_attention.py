@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apr_numba.arch.stages import FAULT_ID, N_FAULTS
+from apr_numba.arch.faults import FAULT_ID, N_FAULTS
 from apr_numba.kernels.attention import attention, attention_blas
 
 N_HEAD, N_KV, HD = 6, 2, 16

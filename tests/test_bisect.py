@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from apr_numba.arch.stages import FAULTS as FORWARD_FAULTS
+from apr_numba.arch.faults import FLAG_FAULTS as FORWARD_FAULTS
 from apr_numba.cli.main import main
 from apr_numba.debug.bisection import bisect, compare_traces, format_bisect
 from apr_numba.debug.faults import FAULT_NAMES, FAULTS, corrupted_codes, parse_fault, plan_fault, q4k_scale_bug

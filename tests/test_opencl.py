@@ -269,7 +269,7 @@ def test_greedy_20_tokens_equal_cpu(name, ocl_model):
 def test_prefill_chunks_and_capture_match_cpu(ocl_model):
     """A prompt longer than one prefill chunk, all positions' logits and the layer capture."""
     m = ocl_model("smollm2-135m")
-    be = m._opencl
+    be = m.opencl
     ids = (m.encode(PROMPT + " red, green and blue. " * 8))[:be.max_batch + 7]
     g_logits, g_cap = m.eval(ids, n_logits=len(ids), capture_layers=True, state=m.new_state(64))
     c_logits, c_cap = m.eval(ids, n_logits=len(ids), capture_layers=True, state=m.new_state(64, cpu=True))
@@ -308,7 +308,7 @@ def test_fault_injection_in_process_json(capsys):
     m = load("smollm2-135m", backend="opencl", n_ctx=64, opencl_fault="scale")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and LINE.match(err[0]), err
-    assert m.backend == "cpu" and m._opencl is None
+    assert m.backend == "cpu" and m.opencl is None
     assert not m.parity.passed and m.parity.step_failed >= 1 and m.parity.cosines[-1] < 0.99
 
 
@@ -420,7 +420,7 @@ def test_no_gpu_prints_nothing_and_never_imports_pyopencl():
 
 def test_transfer_counters_32_token_generation(ocl_model):
     m = ocl_model("smollm2-135m")
-    be = m._opencl
+    be = m.opencl
     c = m.config
     assert be.model_bytes <= be.weight_bytes <= 1.10 * be.model_bytes  # GWR-001
     assert be.weight_bytes == sum(b.size for b in be.weight_buffers)

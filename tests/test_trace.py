@@ -199,7 +199,7 @@ def _greedy(m, ids, n, capture: bool):
         if capture:
             off, buf, _ = trace_table(c, keys, toks.size, state.n_past)
             dbg = m.debug_args(off, buf)
-        m._run(toks, logits, m._no_capture, state, dbg)
+        m.forward_into(toks, logits, m.no_capture, state, dbg)
         state.n_past += toks.size
         nxt = int(np.argmax(logits[0]))
         out.append(nxt)
@@ -356,7 +356,7 @@ def test_opencl_capture_is_read_only():
         for _ in range(6):
             logits = np.empty((1, c.n_vocab), np.float32)
             dbg = m.debug_args(*trace_table(c, keys, toks.size, state.n_past)[:2]) if capture else None
-            be.run(toks, logits, m._no_capture, state, dbg=dbg)
+            be.run(toks, logits, m.no_capture, state, dbg=dbg)
             state.n_past += toks.size
             out.append((int(np.argmax(logits[0])), logits.tobytes()))
             toks = np.array([out[-1][0]], np.int64)

@@ -316,9 +316,7 @@ class Engine:
         """Move the model off OpenCL onto its CPU path (fresh CPU KV cache)."""
         m = self.model
         try:
-            m._opencl = None
-            m.backend, m.device = "cpu", "cpu (Numba)"
-            m.state = m.new_state()
+            m.use_cpu()
         except Exception:  # noqa: BLE001 - cannot fall back
             return False
         return True

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from apr_numba.arch.stages import SaveTensorStage
 from apr_numba.debug.stage_diff import diff_arrays, finite_pair
-from apr_numba.debug.trace import BACKENDS, SaveTensorStage, Trace, chain_order, single_thread_blas, trace
+from apr_numba.debug.trace import BACKENDS, Trace, chain_order, single_thread_blas, trace
 from apr_numba.errors import ArgumentError
 
 DEFAULT_THRESHOLD = 0.999

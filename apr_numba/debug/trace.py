@@ -42,12 +42,19 @@ import inspect
 import json
 import struct
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
-from apr_numba.arch.stages import ALIASES, MOE_STAGES, N_STAGES, STAGE_ID, STAGES, WHOLE_MODEL_STAGES
+from apr_numba.arch.stages import (
+    ALIASES,
+    DENSE_STAGES,
+    MOE_STAGES,
+    N_STAGES,
+    STAGE_ID,
+    STAGES,
+    WHOLE_MODEL_STAGES,
+)
 from apr_numba.errors import ArgumentError, ModelFormatError
 
 APRT_MAGIC = b"APRT"
@@ -57,74 +64,6 @@ TRACE_SCHEMA = "apr-numba-trace-v1"
 BACKENDS = ("cpu", "opencl", "reference")
 
 
-class SaveTensorStage(str, Enum):
-    """aprender's trace stages, in canonical compute order (``apr_numba.arch.stages.STAGES``).
-
-    Each member's docstring says what the tensor is, then ``llama.cpp:`` its graph tensor name and
-    ``HF:`` the transformers value it equals. ``llama_cpp`` / ``hf`` hold those names.
-    """
-
-    def __new__(cls, value: str, doc: str, llama_cpp: str, hf: str):
-        obj = str.__new__(cls, value)
-        obj._value_ = value
-        obj.__doc__ = f"{doc} llama.cpp: {llama_cpp}. HF: {hf}."
-        obj.llama_cpp = llama_cpp
-        obj.hf = hf
-        return obj
-
-    EMBEDDING = ("embedding", "Token embedding rows, (T, n_embd); stored as layer 0's.", "inp_embd",
-                 "model.embed_tokens(input_ids) = hidden_states[0]")
-    ATTN_NORM = ("attn_norm", "RMSNorm(x) * attn_norm weight, (T, n_embd).", "attn_norm",
-                 "layers[N].input_layernorm output")
-    QKV_MATMUL = ("qkv_matmul", "[h Wq^T | h Wk^T | h Wv^T] before bias, (T, q_dim + 2 kv_dim).",
-                  "Qcur / Kcur / Vcur after build_lora_mm (before the bias add)",
-                  "self_attn.q_proj/k_proj/v_proj outputs minus their bias")
-    QKV_BIAS = ("qkv_bias", "Q|K|V after the bias add (= qkv_matmul when the model has no bias).",
-                "Qcur / Kcur / Vcur after ggml_add(bq/bk/bv)", "self_attn.q_proj/k_proj/v_proj outputs")
-    Q_POST_ROPE = ("q_post_rope", "Queries after RoPE, (T, n_head * head_dim).", "Qcur after ggml_rope_ext",
-                   "query_states after apply_rotary_pos_emb (llama: GGUF row order, permuted per head)")
-    K_POST_ROPE = ("k_post_rope", "Keys after RoPE, (T, n_head_kv * head_dim).", "Kcur after ggml_rope_ext",
-                   "key_states after apply_rotary_pos_emb")
-    ATTN_SCORES = ("attn_scores", "q k^T / sqrt(head_dim) before the mask, (n_head, T, T), zeros above the "
-                   "diagonal.", "kq (llama.cpp applies the scale inside kq_soft_max; kq * scale)",
-                   "eager_attention_forward attn_weights = q @ k^T * scaling, before + causal_mask")
-    ATTN_SOFTMAX = ("attn_softmax", "Masked softmax of the scores, (n_head, T, T).", "kq_soft_max",
-                    "attentions (output_attentions=True)")
-    ATTENTION = ("attention", "softmax . V per head, heads concatenated, before the output projection, "
-                 "(T, n_head * head_dim).", "kqv (kqv_merged_cont)", "attn_output before o_proj")
-    ATTN_OUT = ("attn_out", "Attention output projection, (T, n_embd).", "kqv_out (attn_out)",
-                "self_attn.o_proj output")
-    POST_ATTN_RESIDUAL = ("post_attn_residual", "x + attn_out, (T, n_embd).", "ffn_inp",
-                          "residual + self_attn output (input of post_attention_layernorm)")
-    FFN_NORM = ("ffn_norm", "RMSNorm(x) * ffn_norm weight, (T, n_embd).", "ffn_norm",
-                "layers[N].post_attention_layernorm output")
-    FFN_GATE = ("ffn_gate", "h Wgate^T, (T, n_ff).", "ffn_gate", "mlp.gate_proj output")
-    FFN_UP = ("ffn_up", "h Wup^T, (T, n_ff).", "ffn_up", "mlp.up_proj output")
-    FFN_SILU = ("ffn_silu", "silu(gate) = g / (1 + e^-g), (T, n_ff).", "ffn_silu (unfused path)",
-                "mlp.act_fn(gate_proj(x))")
-    FFN_SWIGL = ("ffn_swigl", "silu(gate) * up, (T, n_ff).", "ffn_swiglu", "input of mlp.down_proj")
-    FFN_OUT = ("ffn_out", "Down projection, (T, n_embd).", "ffn_out", "mlp.down_proj output (mlp output)")
-    POST_FFN_RESIDUAL = ("post_ffn_residual", "Block output x + ffn_out, (T, n_embd); alias layer_output.",
-                         "l_out", "hidden_states[N + 1] (for the last block HF stores the final norm instead)")
-    MOE_ROUTER = ("moe_router", "Router logits (mixture-of-experts models only).", "ffn_moe_logits",
-                  "router_logits (Qwen2MoE / Mixtral gate)")
-    MOE_FFN_OUT = ("moe_ffn_out", "Weighted sum of the selected experts (MoE only).", "ffn_moe_out",
-                   "sparse MoE block output")
-    MOE_ROUTER_INDICES = ("moe_router_indices", "Top-k expert ids (MoE only).", "ffn_moe_topk",
-                          "selected_experts")
-    FINAL_NORM = ("final_norm", "RMSNorm of the last block output * output_norm, (T, n_embd); whole-model.",
-                  "result_norm", "hidden_states[-1] (HF's last entry is after the final norm)")
-    LM_HEAD = ("lm_head", "Logits of every position, (T, n_vocab); whole-model.", "result_output",
-               "logits")
-
-
-assert tuple(s.value for s in SaveTensorStage) == STAGES, "SaveTensorStage must follow apr_numba.arch.stages.STAGES"
-DENSE_STAGES = tuple(s for s in STAGES if s not in MOE_STAGES)
-
-
-def stage_doc(name: str) -> str:
-    """The docstring of a stage (aliases accepted)."""
-    return SaveTensorStage(ALIASES.get(name, name)).__doc__
 
 
 # ----------------------------------------------------------------------------------------- parsing
@@ -444,7 +383,7 @@ def _trace_cpu(model, toks: np.ndarray, keys, plan) -> dict:
     T = toks.size
     buf, where, dbg, logits = _trace_buffers(model, keys, T, plan)
     state = model.new_state(min(model.n_ctx, max(T, 1)), cpu=True)  # the Numba forward, whatever model.backend
-    model._run(toks, logits, model._no_capture, state, dbg, faulty_mats(model, plan))
+    model.forward_into(toks, logits, model.no_capture, state, dbg, faulty_mats(model, plan))
     out = {k: buf[o:o + int(np.prod(s))].reshape(s).copy() for k, (o, s) in where.items()}
     if (None, "lm_head") in out:
         out[(None, "lm_head")] = logits
@@ -549,7 +488,7 @@ def _trace_opencl(model, toks: np.ndarray, keys, plan) -> dict:
     be = _opencl_backend_for(model, plan)
     T = toks.size
     buf, where, dbg, logits = _trace_buffers(model, keys, T, plan)
-    be.run(toks, logits, model._no_capture, be.new_state(max(T, 1)), dbg=dbg)
+    be.run(toks, logits, model.no_capture, be.new_state(max(T, 1)), dbg=dbg)
     out = {k: buf[o:o + int(np.prod(s))].reshape(s).copy() for k, (o, s) in where.items()}
     if (None, "lm_head") in out:
         out[(None, "lm_head")] = logits
@@ -598,7 +537,7 @@ def trace(model, prompt: str | None = None, *, tokens=None, stages="all", layers
         from apr_numba.generation.generate import prompt_ids
 
         tokens = prompt_ids(m, prompt)
-    toks = m._check_tokens(tokens, m.new_state(cpu=True))
+    toks = m.check_tokens(tokens, m.new_state(cpu=True))
     plan = _fault_plan(m, inject)
     keys = wanted_keys(st, lay)
     tensors = _CAPTURE[backend](m, toks, keys, plan)

@@ -46,8 +46,8 @@ def attn_sub_001(ctx, *, stages=None, drop=()) -> Measured:
     (layer 0, CPU). Value: violations.
 
     Injection: ``stages`` replaces the stage table; ``drop`` removes stages from the captured trace."""
-    from apr_numba.arch.stages import STAGES
-    from apr_numba.debug.trace import SaveTensorStage, trace
+    from apr_numba.arch.stages import STAGES, SaveTensorStage
+    from apr_numba.debug.trace import trace
 
     bad = _order_ok(stages if stages is not None else STAGES, "stage table")
     bad += _order_ok([s.value for s in SaveTensorStage], "SaveTensorStage")
@@ -221,9 +221,9 @@ def attn_sub_005(ctx, *, alias_kv: bool = False, n: int = 8) -> Measured:
                     if buf.size > st.k.size:
                         raise RuntimeError("KV cache too small to alias the capture buffer")
                     buf = st.k.reshape(-1)[:buf.size]
-                m._run(np.asarray(ids, np.int64), logits, m._no_capture, st, m.debug_args(off, buf))
+                m.forward_into(np.asarray(ids, np.int64), logits, m.no_capture, st, m.debug_args(off, buf))
             else:
-                m._run(np.asarray(ids, np.int64), logits, m._no_capture, st)
+                m.forward_into(np.asarray(ids, np.int64), logits, m.no_capture, st)
             st.n_past += T
             tok = int(np.argmax(logits[-1]))
             out.append(tok)

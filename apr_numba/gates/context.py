@@ -134,7 +134,7 @@ class GateContext:
         from apr_numba.backends.parity import open_opencl_path
 
         m = copy.copy(self.model)
-        m.parity, m._opencl = None, None
+        m.use_cpu()
         err = io.StringIO()
         with redirect_stderr(err):
             open_opencl_path(m, "opencl", fault=fault)

@@ -151,7 +151,7 @@ def cpu_gpu_003(ctx, *, silence: bool = False) -> Measured:
     lines = _tag_lines(faulty._gate_stderr)
     if len(lines) != 1 or "path rejected, attempting fallback:" not in (lines[0] if lines else ""):
         bad.append(f"faulty kernels: {len(lines)} rejection lines on stderr (want 1)")
-    if faulty.backend != "cpu" or faulty._opencl is not None:
+    if faulty.backend != "cpu" or faulty.opencl is not None:
         bad.append(f"faulty kernels: the model runs on {faulty.backend}")
     if faulty.parity is None or faulty.parity.passed:
         bad.append("faulty kernels: the parity result says passed")

@@ -33,6 +33,7 @@ def minimal_model(model, n_ctx: int = 64):
     """
     from numba import typed
 
+    from apr_numba.arch.spec import ArchSpec
     from apr_numba.kernels.matmul import packed_tuple
     from apr_numba.model.decoder import LoadStats, Model
     from apr_numba.model.hparams import ModelConfig
@@ -77,7 +78,11 @@ def minimal_model(model, n_ctx: int = 64):
     w = ModelWeights(cfg, mats, packed, np.ones((L, D), np.float32), np.ones((L, D), np.float32),
                      np.ones(D, np.float32), (rng.standard_normal((L, qd + 2 * kvd)) * 0.01).astype(np.float32),
                      model.weights.has_bias, embd.view(np.uint8).reshape(cfg.n_vocab, -1), 0, False, {},
-                     sum(p.nbytes for p in packed))
+                     sum(p.nbytes for p in packed), q_norm=np.zeros((L, 0), np.float32),
+                     k_norm=np.zeros((L, 0), np.float32), post_attn_norm=np.zeros((L, 0), np.float32),
+                     post_ffn_norm=np.zeros((L, 0), np.float32),
+                     spec=ArchSpec(hp=cfg, arch=c.arch, rope_type=c.rope_type, qkv_bias=model.weights.has_bias,
+                                   tied_head=False))
     src_ns = SimpleNamespace(path=f"minimal-{model.path.name}")
     return Model(src_ns, None, w, n_ctx, model.threads, LoadStats())
 

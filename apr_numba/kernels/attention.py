@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from apr_numba.arch.stages import F_ATTN_SCALE, F_CAUSAL_MASK_OFF, F_GQA_MAP, F_SOFTMAX_NO_MAX
+from apr_numba.arch.faults import F_ATTN_SCALE, F_CAUSAL_MASK_OFF, F_GQA_MAP, F_SOFTMAX_NO_MAX
 from apr_numba.runtime import FASTMATH, clone_function
 
 _F16_MAX = np.float32(65504.0)

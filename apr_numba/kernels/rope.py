@@ -20,10 +20,21 @@ from apr_numba.model.hparams import ROPE_NEOX
 from apr_numba.runtime import FASTMATH
 
 
-def rope_tables(n_ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin tables, each float32 (n_ctx, head_dim // 2)."""
+def rope_tables(n_ctx: int, head_dim: int, theta: float, freq_factors: np.ndarray | None = None,
+                pos_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin tables, each float32 (n_ctx, head_dim // 2).
+
+    ``freq_factors`` (head_dim // 2,): per-frequency divisors (llama.cpp ``rope_freqs`` / ggml_rope_ext's
+    ``freq_factors``, how GGUF files carry Llama-3 RoPE scaling): angle = p * theta_i / f_i.
+    ``pos_scale``: linear RoPE scaling (positions multiplied by 1 / factor).
+    """
     inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq[None, :]
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
+    pos = np.arange(n_ctx, dtype=np.float64)
+    if pos_scale != 1.0:
+        pos = pos * pos_scale
+    ang = pos[:, None] * inv_freq[None, :]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 

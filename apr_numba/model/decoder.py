@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from apr_numba import runtime as _config
+from apr_numba.arch.spec import ArchSpec
 from apr_numba.errors import ArgumentError, ModelFormatError
 from apr_numba.model.hparams import ModelConfig
 from apr_numba.model.weights import ModelWeights, load_weights
@@ -70,6 +71,24 @@ def _open_source(path: Path):
     raise ModelFormatError(f"{path}: not a GGUF or .apr model file (magic {magic!r})")
 
 
+def rope_tables_for(spec: ArchSpec, source, n_ctx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RoPE tables of a model: cos, sin float32 (n_tables, n_ctx, head_dim/2) and the table index of each layer
+    int64 (n_layer,); one table per distinct per-layer base (gemma3: global and local), with the file's
+    ``rope_freqs`` divisors and linear scaling applied (:func:`apr_numba.kernels.rope.rope_tables`)."""
+    from apr_numba.kernels.rope import rope_tables
+    from apr_numba.model import plan
+
+    c = spec.hp
+    ff = plan.vector(source, spec.model_tensors()["rope_freqs.weight"]) if spec.rope_freqs else None
+    pos_scale = 1.0 / spec.rope_scaling.factor if spec.rope_scaling.kind == "linear" else 1.0
+    bases = sorted(set(spec.layer_rope_base), key=spec.layer_rope_base.index)
+    tabs = [rope_tables(n_ctx, c.head_dim, b, ff, pos_scale) for b in bases]
+    cos = np.stack([t[0] for t in tabs])
+    sin = np.stack([t[1] for t in tabs])
+    layer = np.array([bases.index(b) for b in spec.layer_rope_base], np.int64)
+    return cos, sin, layer
+
+
 class Model:
     """A decoder-only LLM ready to run.
 
@@ -95,15 +114,19 @@ class Model:
         self.parity = None
         self._opencl = None  # an OpenCLBackend once it passed the parity gate (see parity.open_opencl_path)
         self.load_stats = stats
-        from apr_numba.kernels.rope import rope_tables
+        self.spec = weights.spec
+        self._init_tables()
 
-        c = self.config
-        self.rope_cos, self.rope_sin = rope_tables(n_ctx, c.head_dim, c.rope_theta)
+    def _init_tables(self) -> None:
+        from apr_numba.backends.cpu_forward import cfg_tuple, fp_tuple
+
+        c, spec = self.config, self.spec
+        self.rope_cos, self.rope_sin, self.rope_layer = rope_tables_for(spec, self.source, self.n_ctx)
         self.state = self.new_state()
-        self._cfg = tuple(np.int64(v) for v in (c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff,
-                                                c.n_vocab, c.rope_type, int(weights.has_bias)))
-        self._no_capture = np.zeros((0, 0, 0), np.float32)
+        self._cfg, self._fp = cfg_tuple(spec), fp_tuple(spec)
+        self.no_capture = np.zeros((0, 0, 0), np.float32)  # 'no layer capture' for forward_into
         self.no_debug = self.debug_args()
+        del c
 
     # -- tokenizer -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -149,7 +172,12 @@ class Model:
         """Forget the cached positions (the KV cache is overwritten lazily)."""
         self.state.n_past = 0
 
-    def _check_tokens(self, ids, state: KVState) -> np.ndarray:
+    def check_tokens(self, ids, state: KVState) -> np.ndarray:
+        """``ids`` as int64 (T,), checked against the vocabulary and the room left in ``state``.
+
+        Raises:
+            ArgumentError: empty, an id outside [0, n_vocab), or more positions than the cache holds.
+        """
         toks = np.asarray(ids, dtype=np.int64).reshape(-1)
         if toks.size == 0:
             raise ArgumentError("no tokens to evaluate (empty prompt)")
@@ -161,28 +189,34 @@ class Model:
                                 f"(prompt too long; raise n_ctx up to {self.config.n_ctx_train})")
         return toks
 
-    def eval(self, ids, n_logits: int = 1, capture_layers: bool = False, state: KVState | None = None):
+    def eval(self, ids, n_logits: int = 1, capture_layers: bool = False, state: KVState | None = None,
+             debug: tuple | None = None, mats=None):
         """Append ``ids`` to the sequence (prefill when len > 1, decode when 1) and return logits.
+
+        The backend interface every tool uses (generate, trace, bisect, gates, bench, the dashboard).
 
         Args:
             ids: token ids (T,).
             n_logits: how many trailing positions to compute logits for (0..T).
             capture_layers: also return each block's output (post_ffn_residual), (n_layer, T, n_embd).
-            state: the KV cache to extend (default: the model's own).
+            state: the KV cache to extend (default: the model's own); a CPU :class:`KVState` runs the Numba
+                forward, an OpenCL device state (:meth:`new_state` on the OpenCL path) the device forward.
+            debug: the CPU forward's tracing / teaching-fault tuple (:meth:`debug_args`); CPU states only.
+            mats: packed matrices replacing the model's (a weight teaching fault); CPU states only.
 
         Returns:
             logits float32 (n_logits, n_vocab), or (logits, layer_outputs) with capture_layers.
 
         Raises:
-            ArgumentError: empty input, out-of-range ids, or the context is full.
+            ArgumentError: empty input, out-of-range ids, the context is full, or debug/mats with a device state.
         """
         state = self.state if state is None else state
-        toks = self._check_tokens(ids, state)
+        toks = self.check_tokens(ids, state)
         n_logits = max(0, min(int(n_logits), toks.size))
         logits = np.empty((n_logits, self.config.n_vocab), np.float32)
         cap = (np.empty((self.config.n_layer, toks.size, self.config.n_embd), np.float32)
-               if capture_layers else self._no_capture)
-        self._run(toks, logits, cap, state)
+               if capture_layers else self.no_capture)
+        self.forward_into(toks, logits, cap, state, debug, mats)
         state.n_past += toks.size
         return (logits, cap) if capture_layers else logits
 
@@ -193,19 +227,40 @@ class Model:
 
         Defaults trace nothing and inject nothing.
         """
-        from apr_numba.arch.stages import N_FAULTS, N_STAGES
+        from apr_numba.arch.faults import N_FAULTS
+        from apr_numba.arch.stages import N_STAGES
 
         c = self.config
         off = np.full((N_STAGES, c.n_layer), -1, np.int64) if trace_off is None else trace_off
         buf = np.zeros(0, np.float32) if trace_buf is None else trace_buf
         flt = np.zeros((c.n_layer, N_FAULTS), np.int64) if layer_fault is None else layer_fault
         if rope_theta_alt is None:
-            cos_alt, sin_alt = self.rope_cos[:1], self.rope_sin[:1]
+            cos_alt, sin_alt = self.rope_cos[0, :1], self.rope_sin[0, :1]
         else:
             from apr_numba.kernels.rope import rope_tables
 
             cos_alt, sin_alt = rope_tables(self.n_ctx, c.head_dim, rope_theta_alt)
         return (off, buf, flt, cos_alt, sin_alt, float(self.config.rms_eps if eps_alt is None else eps_alt))
+
+    @property
+    def opencl(self):
+        """The :class:`~apr_numba.backends.opencl.OpenCLBackend` running this model, or None on the CPU."""
+        return self._opencl
+
+    def info(self) -> dict:
+        """JSON-able description of what runs: backend, device, threads, architecture features, and on OpenCL
+        the device's byte and transfer counters."""
+        out = {"backend": self.backend, "device": self.device, "threads": self.threads, "arch": self.spec.arch,
+               "features": sorted(self.spec.features), "n_ctx": self.n_ctx}
+        if self._opencl is not None:
+            out["opencl"] = self._opencl.info()
+        return out
+
+    def use_cpu(self) -> None:
+        """Run every later call on the Numba CPU forward (drop the OpenCL path; a fresh CPU KV cache)."""
+        self._opencl, self.parity = None, None
+        self.backend, self.device = "cpu", "cpu (Numba)"
+        self.state = self.new_state()
 
     def use_opencl(self, backend, parity) -> None:
         """Run every later call on ``backend`` (an OpenCLBackend that passed the gate ``parity``)."""
@@ -213,8 +268,15 @@ class Model:
         self.backend, self.device = "opencl", backend.device_name
         self.state = backend.new_state(self.n_ctx)
 
-    def _run(self, toks: np.ndarray, logits: np.ndarray, cap: np.ndarray, state: KVState, dbg=None,
-             mats=None) -> None:
+    def forward_into(self, toks: np.ndarray, logits: np.ndarray, cap: np.ndarray, state: KVState, dbg=None,
+                     mats=None) -> None:
+        """The low-level step under :meth:`eval`: run checked ``toks`` (T,) int64 at ``state.n_past`` into
+        preallocated ``logits`` float32 (n_out, n_vocab) and ``cap`` ((n_layer, T, n_embd) or (0, 0, 0)),
+        WITHOUT advancing ``state.n_past`` (the caller does). ``dbg`` / ``mats`` as in :meth:`eval`.
+
+        Raises:
+            ArgumentError: ``dbg`` or ``mats`` with an OpenCL device state.
+        """
         if not isinstance(state, KVState):  # a device KV cache: the OpenCL path
             if dbg is not None or mats is not None:
                 raise ArgumentError("tracing and weight faults run on the CPU forward: pass a CPU state "
@@ -223,10 +285,9 @@ class Model:
             return
         from apr_numba.backends.cpu_forward import forward
 
-        w = self.weights
-        forward(toks, np.int64(state.n_past), self._cfg, float(self.config.rms_eps), w.mats if mats is None else mats,
-                w.embd_raw, np.int64(w.embd_type), w.attn_norm, w.ffn_norm, w.bias_qkv, w.output_norm, self.rope_cos,
-                self.rope_sin, state.k, state.v, logits, cap, self.no_debug if dbg is None else dbg)
+        forward(toks, np.int64(state.n_past), self._cfg, self._fp, self.weights.kernel_args(mats),
+                (self.rope_cos, self.rope_sin, self.rope_layer), state.k, state.v, logits, cap,
+                self.no_debug if dbg is None else dbg)
 
     def logits(self, ids) -> np.ndarray:
         """Logits float32 (len(ids), n_vocab) for every position, from a fresh cache.
@@ -294,13 +355,15 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
     src = _open_source(path)
     t1 = time.perf_counter()
     emb = src.tensors.get("token_embd.weight")
-    cfg = ModelConfig.from_metadata(src.metadata, str(path), n_vocab=emb.shape[0] if emb is not None else None)
+    spec = ArchSpec.from_metadata(src.metadata, str(path), src.tensors,
+                                  n_vocab=emb.shape[0] if emb is not None else None)
+    cfg = spec.hp
     tok_json = getattr(src, "tokenizer_json", None)
     tok = Tokenizer.from_json(tok_json) if tok_json else Tokenizer.from_metadata(src.metadata, str(path))
     if not getattr(src, "from_cache", True) and hasattr(src, "save_cache"):
         src.save_cache(tok.to_json())
     t2 = time.perf_counter()
-    weights = load_weights(src, cfg, progress=progress)
+    weights = load_weights(src, spec, progress=progress)
     if hasattr(src, "release_pages"):
         src.release_pages()  # the packed copy is what runs: don't keep the file's pages resident too
     t3 = time.perf_counter()

@@ -10,14 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from apr_numba.arch.traits import ARCH_TRAITS, ROPE_NEOX, ROPE_NORM  # noqa: F401 (re-exported)
 from apr_numba.errors import ModelFormatError
 
-# RoPE styles, named as in llama.cpp (ggml_rope mode) and aprender (rope_type 0 / 2).
-ROPE_NORM = 0  # adjacent pairs (x[2i], x[2i+1]) rotate together: llama.cpp LLAMA_ROPE_TYPE_NORM
-ROPE_NEOX = 2  # halves (x[i], x[i + head_dim/2]) rotate together: LLAMA_ROPE_TYPE_NEOX, HF rotate_half
-
-# Decoder architectures this engine runs, with their RoPE style (llama.cpp llama_model_rope_type()).
-SUPPORTED_ARCHS = {"llama": ROPE_NORM, "qwen2": ROPE_NEOX}
+# Decoder architectures with their RoPE style, derived from the one table (apr_numba.arch.traits).
+SUPPORTED_ARCHS = {name: t.rope_type for name, t in ARCH_TRAITS.items()}
 
 
 # Upper bounds that no real decoder reaches; a file claiming more is corrupt (and would make the loader
@@ -90,8 +87,8 @@ class ModelConfig:
         return self.n_head_kv * self.head_dim
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any], source: str = "model", n_vocab: int | None = None
-                      ) -> ModelConfig:
+    def from_metadata(cls, meta: Mapping[str, Any], source: str = "model", n_vocab: int | None = None,
+                      rope_type: int | None = None) -> ModelConfig:
         """Build the config from GGUF metadata (a mapping of GGUF key -> Python value).
 
         ``n_vocab`` (e.g. the row count of ``token_embd``) is used when the metadata has neither
@@ -138,7 +135,7 @@ class ModelConfig:
             n_vocab=int(vocab),
             n_ctx_train=need("context_length"),
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_type=SUPPORTED_ARCHS[arch],
+            rope_type=SUPPORTED_ARCHS[arch] if rope_type is None else rope_type,
             rms_eps=need("attention.layer_norm_rms_epsilon", float),
             head_dim=head_dim,
             name=str(meta.get("general.name", "")),
