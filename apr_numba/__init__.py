@@ -14,7 +14,7 @@ from apr_numba.runtime import configure_cache_dir as _configure_cache_dir
 _configure_cache_dir()
 
 from apr_numba.debug.bisection import bisect
-from apr_numba.debug.trace import trace
+from apr_numba.debug.tracing import trace
 from apr_numba.encoder.embedding import embed
 from apr_numba.encoder.model import EncoderModel, load_encoder
 from apr_numba.errors import AprError, ArgumentError, ModelFormatError, PullError

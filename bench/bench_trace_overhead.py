@@ -10,7 +10,7 @@ attention / silu / final-norm capture branches) and compares the three, interlea
 * ``stripped``: the forward without any capture code (compiled here, not cached);
 * ``untraced``: the real forward, all -1 table (what ``apr-numba run`` executes);
 * ``traced``: the real forward capturing all stages of all layers at every step (buffer allocated per
-  step, as ``apr_numba.debug.trace`` does).
+  step, as ``apr_numba.debug.tracing`` does).
 
 Usage::
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
 
-    from apr_numba.debug.trace import parse_stages, trace_table, wanted_keys
+    from apr_numba.debug.tracing import parse_stages, trace_table, wanted_keys
     from apr_numba.model.decoder import load
 
     m = load(a.model, backend="cpu", threads=a.threads, n_ctx=a.n_gen + 16)

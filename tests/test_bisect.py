@@ -17,7 +17,7 @@ from apr_numba.arch.faults import FLAG_FAULTS as FORWARD_FAULTS
 from apr_numba.cli.main import main
 from apr_numba.debug.bisection import bisect, compare_traces, format_bisect
 from apr_numba.debug.faults import FAULT_NAMES, FAULTS, corrupted_codes, parse_fault, plan_fault, q4k_scale_bug
-from apr_numba.debug.trace import parse_stages, trace
+from apr_numba.debug.tracing import parse_stages, trace
 from apr_numba.errors import ArgumentError
 from apr_numba.quants.layouts import decode_codes
 from tests.trace_testlib import LN_F16_MAX, MID, MODELS, PROMPT, model, opencl_missing, reference_dir, reference_trace

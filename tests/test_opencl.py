@@ -457,7 +457,7 @@ def test_transfer_counters_32_token_generation(ocl_model):
     "ffn-swap@1", "rmsnorm-eps@1")] + [("qwen2.5-coder-0.5b", None), ("qwen2.5-coder-0.5b", "qkv-bias-drop@1")])
 def test_trace_and_teaching_faults_match_cpu(name, fault, ocl_model):
     """Every stage of layers 0..2 (plus final_norm, lm_head) on OpenCL equals the CPU's, with each fault."""
-    from apr_numba.debug.trace import trace
+    from apr_numba.debug.tracing import trace
 
     m = ocl_model(name)
     kw = {"stages": "all", "layers": "0..2", "inject": fault}

@@ -22,7 +22,7 @@ from apr_numba.debug.stage_diff import (
     diff_traces,
     validate_diff_json,
 )
-from apr_numba.debug.trace import (
+from apr_numba.debug.tracing import (
     SaveTensorStage,
     Trace,
     parse_layers,
@@ -344,7 +344,7 @@ def test_opencl_capture_is_read_only():
     why = opencl_missing()
     if why:
         pytest.skip(why)
-    from apr_numba.debug.trace import _opencl_backend_for
+    from apr_numba.debug.tracing import _opencl_backend_for
 
     m = model("smollm2-135m")
     be = _opencl_backend_for(m)

@@ -24,7 +24,7 @@ SESSION = Path(__file__).parent / "fixtures" / "tui_session.json"
 def test_reference_shadow_matches_reference_in_chunks(loaded_model):
     """Fed in chunks through its KV cache, the shadow's block outputs equal the reference's full-sequence
     forward (same float64 math) for the first blocks."""
-    from apr_numba.debug.trace import reference_model
+    from apr_numba.debug.tracing import reference_model
 
     m = loaded_model("smollm2-135m")
     ids = m.encode("The three primary colors are red, yellow and")

@@ -21,10 +21,12 @@ def byte_alphabet() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", q_type: GGMLQuantizationType | None = None
-                    ) -> dict[str, np.ndarray]:
+def write_tiny_gguf(path: Path, arch: str = "llama", q_type: GGMLQuantizationType | None = None,
+                    extra: dict[str, tuple[int, ...]] | None = None, scale: float = 1.0) -> dict[str, np.ndarray]:
     """Write a one-layer decoder GGUF with a valid tokenizer; F32 tensors, except ``blk.0.attn_q.weight``
-    stored as ``q_type`` (random blocks) when given. Returns the tensors written (raw bytes for q_type)."""
+    stored as ``q_type`` (random blocks) when given. ``extra``: more F32 tensors (name -> shape), e.g. a toy
+    variant's post-norms; ``scale`` multiplies the random matrices (norm weights stay ~N(1, 0.1)).
+    Returns the tensors written (raw bytes for q_type)."""
     D, H, F, V = 64, 2, 128, 300
     w = GGUFWriter(str(path), arch)
     w.add_block_count(1)
@@ -46,14 +48,19 @@ def write_tiny_gguf(path: Path, arch: str = "llama", q_type: GGMLQuantizationTyp
               "blk.0.ffn_norm.weight": (D,), "blk.0.attn_q.weight": (D, D), "blk.0.attn_k.weight": (D, D),
               "blk.0.attn_v.weight": (D, D), "blk.0.attn_output.weight": (D, D),
               "blk.0.ffn_gate.weight": (F, D), "blk.0.ffn_up.weight": (F, D), "blk.0.ffn_down.weight": (D, F)}
+    shapes.update(extra or {})
     arrays = {}
     for name, shape in shapes.items():
         if q_type is not None and name == "blk.0.attn_q.weight":
             bs, ts = GGML_QUANT_SIZES[q_type]
             arrays[name] = rng.integers(0, 256, (shape[0], shape[1] // bs * ts), dtype=np.uint8)
             w.add_tensor(name, arrays[name], raw_dtype=q_type)
+        elif len(shape) == 1:
+            arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32) if scale != 1.0 else \
+                rng.standard_normal(shape).astype(np.float32)
+            w.add_tensor(name, arrays[name])
         else:
-            arrays[name] = rng.standard_normal(shape).astype(np.float32)
+            arrays[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
             w.add_tensor(name, arrays[name])
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from apr_numba.debug.trace import Trace, trace
+from apr_numba.debug.tracing import Trace, trace
 from apr_numba.model.decoder import load
 
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")

@@ -69,7 +69,7 @@ class ReferenceShadow:
     def prepare(self, progress=None) -> None:
         """Open the reference over the model's source and dequantize every block once (progress(done, total)
         after each block)."""
-        from apr_numba.debug.trace import reference_model, single_thread_blas
+        from apr_numba.debug.tracing import reference_model, single_thread_blas
 
         try:
             self.ref = reference_model(self.model)  # shared with bisect's reference side
@@ -123,7 +123,7 @@ class ReferenceShadow:
         """
         if self.ref is None:
             self.prepare()
-        from apr_numba.debug.trace import single_thread_blas
+        from apr_numba.debug.tracing import single_thread_blas
 
         with getattr(self, "_blas", None) or single_thread_blas():
             return self._advance(ids, n_layers)

@@ -11,6 +11,7 @@ of a given architecture has is :meth:`apr_numba.arch.spec.ArchSpec.block_stages`
 from __future__ import annotations
 
 from enum import Enum
+from types import SimpleNamespace
 
 
 class SaveTensorStage(str, Enum):
@@ -81,6 +82,9 @@ N_STAGES = len(STAGES)
 WHOLE_MODEL_STAGES = frozenset({"final_norm", "lm_head"})
 MOE_STAGES = frozenset({"moe_router", "moe_ffn_out", "moe_router_indices"})
 DENSE_STAGES = tuple(s for s in STAGES if s not in MOE_STAGES)
+# Stage names as attributes (``STAGE.attn_norm == "attn_norm"``, a plain str): backends spell a stage through
+# this, so a misspelt name fails at import instead of silently tracing nothing.
+STAGE = SimpleNamespace(**{s: s for s in STAGES})
 ALIASES = {"layer_output": "post_ffn_residual"}
 
 (S_EMBEDDING, S_ATTN_NORM, S_QKV_MATMUL, S_QKV_BIAS, S_Q_POST_ROPE, S_K_POST_ROPE, S_ATTN_SCORES,

@@ -1,7 +1,9 @@
 """The OpenCL backend: the decoder forward of :mod:`apr_numba.backends.cpu_forward` run by ``opencl/*.cl`` kernels.
 
-Same layer plan (:func:`apr_numba.model.weights.expected_shapes`, ``LAYER_MATS``), same step order and math
-as the CPU path; see ``forward.py`` for the stage names. Each matrix is uploaded once, at construction,
+It executes the model's :class:`~apr_numba.arch.spec.ArchSpec` (the features in :data:`IMPLEMENTS`; a model
+needing another is refused at construction with a message naming it, and the parity gate falls back to the
+CPU), loads the tensors the spec names through :mod:`apr_numba.model.plan`, with the CPU path's step order
+and math; see ``cpu_forward.py`` for the stage names. Each matrix is uploaded once, at construction,
 as the raw GGML blocks of the model file (zero repacking: the kernels decode blocks with
 ``vload_half``), so device weight bytes equal the model's tensor bytes (gate GWR-001). Norm weights
 and QKV biases are float32 in the file and uploaded as they are (the three biases of a layer side by
@@ -30,12 +32,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyopencl as cl
 
+from apr_numba.arch.spec import POST_ATTN_NORM, POST_FFN_NORM, ArchSpec
+from apr_numba.arch.stages import STAGE
 from apr_numba.backends.opencl_kernels import WTYPES, OpenCLError, Programs, find_device
 from apr_numba.errors import ArgumentError, ModelFormatError
-from apr_numba.kernels.rope import rope_tables
-from apr_numba.model.hparams import ModelConfig
-from apr_numba.model.weights import LAYER_MATS, expected_shapes
-from apr_numba.quants.layouts import decode_codes
+from apr_numba.kernels.rope import spec_rope_tables
+from apr_numba.model import plan
+from apr_numba.model.weights import LAYER_MATS
+
+# ArchSpec features the device forward executes (apr_numba.arch.traits.FEATURES).
+IMPLEMENTS = frozenset({"qkv_bias", "post_attn_norm", "post_ffn_norm", "rope_freqs"})
 
 MF = cl.mem_flags
 
@@ -69,7 +75,7 @@ class _Faults:
     def __init__(self, backend: OpenCLBackend):
         c = backend.config
         self.eps, self.scale = np.float32(c.rms_eps), np.float32(1.0 / np.sqrt(c.head_dim))
-        self.rope_type, self.cos, self.sin = c.rope_type, backend.rope_cos, backend.rope_sin
+        self.rope_type, self.cos, self.sin = backend.spec.rope_type, backend.rope_cos, backend.rope_sin
         self.bias_drop = self.ffn_swap = False
         self.n_keys = self.kv_shift = self.no_max = self.capture = self.cap_nk = 0
         self.cap_s = self.cap_p = backend.argmax_buf  # not written unless capture
@@ -103,9 +109,9 @@ class OpenCLBackend:
     """The decoder on one OpenCL device.
 
     Args:
-        model_or_source: a :class:`~apr_numba.model.decoder.Model` (its source, config and n_ctx are used) or a
+        model_or_source: a :class:`~apr_numba.model.decoder.Model` (its source, spec and n_ctx are used) or a
             weights source (``GGUFFile`` or .apr reader: ``path``, ``tensors``, ``data(name)``).
-        config: the :class:`ModelConfig` (required with a source; ignored with a Model).
+        spec: the model's :class:`ArchSpec` (required with a source; ignored with a Model).
         device_index: flat OpenCL device index (``list_devices()``); default the first GPU, else the
             first device.
         fault: an injected kernel fault for tests ("scale") or None.
@@ -122,15 +128,19 @@ class OpenCLBackend:
         OpenCLError, ModelFormatError, pyopencl.Error (see the module docstring).
     """
 
-    def __init__(self, model_or_source, config: ModelConfig | None = None, device_index: int | None = None,
+    def __init__(self, model_or_source, spec: ArchSpec | None = None, device_index: int | None = None,
                  fault: str | None = None, n_ctx: int | None = None, max_batch: int = 32):
         if hasattr(model_or_source, "weights") and hasattr(model_or_source, "source"):
-            src, config = model_or_source.source, model_or_source.config
+            src, spec = model_or_source.source, model_or_source.spec
             n_ctx = n_ctx or model_or_source.n_ctx
         else:
             src = model_or_source
-        if config is None:
-            raise ArgumentError("OpenCLBackend needs the model's ModelConfig with a weights source")
+        if spec is None:
+            raise ArgumentError("OpenCLBackend needs the model's ArchSpec with a weights source")
+        spec.require("opencl", IMPLEMENTS, str(src.path))
+        plan.check_tensors(spec, src)
+        config = spec.hp
+        self.spec = spec
         found = find_device(device_index)
         if found is None:
             raise OpenCLError("no OpenCL device found")
@@ -151,8 +161,9 @@ class OpenCLBackend:
         self.weight_bytes = self.aux_bytes = 0
         self.weight_buffers: list = []  # every device buffer holding model weights (GWR-001 / GWR-005)
         self._upload_weights(src)
-        cos, sin = rope_tables(self.n_ctx, c.head_dim, c.rope_theta)
-        self.rope_cos, self.rope_sin = self._upload(cos, aux=True), self._upload(sin, aux=True)
+        cos, sin, self.rope_layer = spec_rope_tables(spec, self.n_ctx, plan.rope_freqs(spec, src))
+        self.rope_tabs = [(self._upload(cos[i], aux=True), self._upload(sin[i], aux=True)) for i in range(len(cos))]
+        self.rope_cos, self.rope_sin = self.rope_tabs[0]
         self._alloc_activations()
         self._plain = _Faults(self)
         self._cur = self.last_step
@@ -171,52 +182,42 @@ class OpenCLBackend:
             self.weight_buffers.append(buf)
         return buf
 
-    def _tensor(self, src, name: str, shape: tuple[int, ...]):
-        t = src.tensors.get(name)
-        if t is None:
-            raise ModelFormatError(f"{src.path}: required tensor {name!r} is missing")
-        if tuple(t.shape) != tuple(shape):
-            raise ModelFormatError(f"{src.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-        return t
-
-    def _matrix(self, src, name: str, shape: tuple[int, int]) -> tuple:
-        """(buffer of the raw GGML blocks, ggml type, cols, rows)."""
-        t = self._tensor(src, name, shape)
+    def _matrix(self, src, ts) -> tuple:
+        """(buffer of the raw GGML blocks, ggml type, cols, rows) of matrix ``ts`` (a TensorSpec)."""
+        t = plan.tensor(src, ts)
+        name, shape = ts.name, ts.shape
         if int(t.ggml_type) not in WTYPES:
             raise ModelFormatError(f"{src.path}: {name}: GGML type {t.type_name} has no OpenCL kernel")
         if shape[1] % 32:
             raise ModelFormatError(f"{src.path}: {name}: {shape[1]} columns is not a multiple of 32")
         return self._upload(np.asarray(src.data(name)).view(np.uint8)), int(t.ggml_type), shape[1], shape[0]
 
-    def _vector(self, src, names: list[str], shapes: list[tuple[int]]):
-        """Float32 vectors side by side: raw file bytes when F32, else decoded to float32."""
-        parts = []
-        for name, shape in zip(names, shapes, strict=True):
-            t = self._tensor(src, name, shape)
-            raw = np.asarray(src.data(name)).view(np.uint8)
-            parts.append(raw.view(np.float32) if t.ggml_type == 0 else
-                         decode_codes(t.ggml_type, raw, (1, shape[0]), name).dequantize()[0])
-        return self._upload(np.concatenate(parts).astype(np.float32, copy=False))
+    def _vector(self, src, specs: list):
+        """Float32 vectors (TensorSpecs) side by side, decoded by :func:`apr_numba.model.plan.vector`."""
+        return self._upload(np.concatenate([plan.vector(src, ts) for ts in specs]).astype(np.float32, copy=False))
 
     def _upload_weights(self, src) -> None:
-        c = self.config
-        shapes = expected_shapes(c)
-        self.has_bias = src.tensors.get("blk.0.attn_q.bias") is not None
+        c, spec = self.config, self.spec
+        self.has_bias = spec.qkv_bias
         self.layers = []
         for layer in range(c.n_layer):
-            p = f"blk.{layer}."
-            lw = {"attn_norm": self._vector(src, [p + "attn_norm.weight"], [shapes["attn_norm.weight"]]),
-                  "ffn_norm": self._vector(src, [p + "ffn_norm.weight"], [shapes["ffn_norm.weight"]])}
+            b = spec.block_tensors(layer)
+            lw = {"attn_norm": self._vector(src, [b["attn_norm.weight"]]),
+                  "ffn_norm": self._vector(src, [b["ffn_norm.weight"]])}
             for slot in LAYER_MATS:
-                lw[slot] = self._matrix(src, p + slot + ".weight", shapes[slot + ".weight"])
+                lw[slot] = self._matrix(src, b[slot + ".weight"])
             if self.has_bias:
-                lw["bias"] = self._vector(src, [p + f"attn_{x}.bias" for x in "qkv"],
-                                          [shapes[f"attn_{x}.bias"] for x in "qkv"])
+                lw["bias"] = self._vector(src, [b[f"attn_{x}.bias"] for x in "qkv"])
+            if spec.post_attn_norm:
+                lw["post_attn_norm"] = self._vector(src, [b[POST_ATTN_NORM]])
+            if spec.post_ffn_norm:
+                lw["post_ffn_norm"] = self._vector(src, [b[POST_FFN_NORM]])
             self.layers.append(lw)
-        self.embd = self._matrix(src, "token_embd.weight", (c.n_vocab, c.n_embd))
-        self.tied = src.tensors.get("output.weight") is None
-        self.head = self.embd if self.tied else self._matrix(src, "output.weight", (c.n_vocab, c.n_embd))
-        self.output_norm = self._vector(src, ["output_norm.weight"], [(c.n_embd,)])
+        mt = spec.model_tensors()
+        self.embd = self._matrix(src, mt["token_embd.weight"])
+        self.tied = spec.tied_head
+        self.head = self.embd if self.tied else self._matrix(src, mt["output.weight"])
+        self.output_norm = self._vector(src, [mt["output_norm.weight"]])
 
     def _alloc_activations(self) -> None:
         c, B = self.config, self.max_batch
@@ -344,54 +345,59 @@ class OpenCLBackend:
         e = self.embd
         prg.get_rows(e[1], e[0], D, self.ids_buf, self.x, D, T)  # embedding
         grab = tr.grab if tr is not None else _no_grab
-        grab("embedding", 0, self.x, D, 0, D)
+        grab(STAGE.embedding, 0, self.x, D, 0, D)
         wg = self.tuning.wg
         for layer, lw in enumerate(self.layers):
             f = tr.layer(layer) if tr is not None else self._plain  # teaching faults of a traced layer
             off = layer * state.n_ctx * kvd
             prg.rms_norm(q, (wg, T), (wg, 1), self.x, D, 0, lw["attn_norm"], self.h, D, D, f.eps)
-            grab("attn_norm", layer, self.h, D, 0, D)
+            grab(STAGE.attn_norm, layer, self.h, D, 0, D)
             for slot, y_off in (("attn_q", 0), ("attn_k", qd), ("attn_v", qd + kvd)):  # qkv_matmul
                 w = lw[slot]
                 prg.matvec(w[1], w[0], w[2], w[3], self.h, D, self.qkv, W, y_off, T)
-            grab("qkv_matmul", layer, self.qkv, W, 0, W)
+            grab(STAGE.qkv_matmul, layer, self.qkv, W, 0, W)
             if self.has_bias and not f.bias_drop:  # qkv_bias
                 prg.add(q, (T * W,), None, self.qkv, lw["bias"], W)
-            grab("qkv_bias", layer, self.qkv, W, 0, W)
+            grab(STAGE.qkv_bias, layer, self.qkv, W, 0, W)
+            cos, sin = (f.cos, f.sin) if f.cos is not self.rope_cos else self.rope_tabs[self.rope_layer[layer]]
             for col0, nh in ((0, c.n_head), (qd, c.n_head_kv)):
-                prg.rope(q, (nh * c.head_dim // 2, T), None, self.qkv, W, col0, c.head_dim, pos0, f.cos, f.sin,
+                prg.rope(q, (nh * c.head_dim // 2, T), None, self.qkv, W, col0, c.head_dim, pos0, cos, sin,
                          f.rope_type)
-            grab("q_post_rope", layer, self.qkv, W, 0, qd)
-            grab("k_post_rope", layer, self.qkv, W, qd, kvd)
+            grab(STAGE.q_post_rope, layer, self.qkv, W, 0, qd)
+            grab(STAGE.k_post_rope, layer, self.qkv, W, qd, kvd)
             prg.cpy_kv(q, (kvd, T), None, self.qkv, W, qd, kvd, state.k_buf, state.v_buf, off, pos0)
             prg.attn(q, (wg, c.n_head, T), (wg, 1, 1), self.qkv, W, state.k_buf, state.v_buf, off, kvd, c.n_rep,
                      pos0, self.scores, self.n_ctx, self.att, qd, f.scale, f.n_keys, f.kv_shift, f.no_max,
                      f.capture, f.cap_s, f.cap_p, f.cap_nk)
             if f.capture:
                 tr.grab_attention(layer)
-            grab("attention", layer, self.att, qd, 0, qd)
+            grab(STAGE.attention, layer, self.att, qd, 0, qd)
             w = lw["attn_output"]
             prg.matvec(w[1], w[0], w[2], w[3], self.att, qd, self.o, D, 0, T)
-            grab("attn_out", layer, self.o, D, 0, D)
+            grab(STAGE.attn_out, layer, self.o, D, 0, D)
+            if "post_attn_norm" in lw:
+                prg.rms_norm(q, (wg, T), (wg, 1), self.o, D, 0, lw["post_attn_norm"], self.o, D, D, f.eps)
             prg.add(q, (T * D,), None, self.x, self.o, T * D)  # post_attn_residual
-            grab("post_attn_residual", layer, self.x, D, 0, D)
+            grab(STAGE.post_attn_residual, layer, self.x, D, 0, D)
             prg.rms_norm(q, (wg, T), (wg, 1), self.x, D, 0, lw["ffn_norm"], self.h, D, D, f.eps)
-            grab("ffn_norm", layer, self.h, D, 0, D)
+            grab(STAGE.ffn_norm, layer, self.h, D, 0, D)
             for slot, y_off in (("ffn_gate", F if f.ffn_swap else 0), ("ffn_up", 0 if f.ffn_swap else F)):
                 w = lw[slot]
                 prg.matvec(w[1], w[0], w[2], w[3], self.h, D, self.gu, 2 * F, y_off, T)
-            grab("ffn_gate", layer, self.gu, 2 * F, 0, F)
-            grab("ffn_up", layer, self.gu, 2 * F, F, F)
-            if tr is not None and tr.wants("ffn_silu", layer):
+            grab(STAGE.ffn_gate, layer, self.gu, 2 * F, 0, F)
+            grab(STAGE.ffn_up, layer, self.gu, 2 * F, F, F)
+            if tr is not None and tr.wants(STAGE.ffn_silu, layer):
                 prg.swiglu(q, (F, T), None, self.gu, self.act, F, 1)
-                grab("ffn_silu", layer, self.act, F, 0, F)
+                grab(STAGE.ffn_silu, layer, self.act, F, 0, F)
             prg.swiglu(q, (F, T), None, self.gu, self.act, F, 0)
-            grab("ffn_swigl", layer, self.act, F, 0, F)
+            grab(STAGE.ffn_swigl, layer, self.act, F, 0, F)
             w = lw["ffn_down"]
             prg.matvec(w[1], w[0], w[2], w[3], self.act, F, self.o, D, 0, T)
-            grab("ffn_out", layer, self.o, D, 0, D)
+            grab(STAGE.ffn_out, layer, self.o, D, 0, D)
+            if "post_ffn_norm" in lw:
+                prg.rms_norm(q, (wg, T), (wg, 1), self.o, D, 0, lw["post_ffn_norm"], self.o, D, D, f.eps)
             prg.add(q, (T * D,), None, self.x, self.o, T * D)  # post_ffn_residual
-            grab("post_ffn_residual", layer, self.x, D, 0, D)
+            grab(STAGE.post_ffn_residual, layer, self.x, D, 0, D)
             if cap.shape[0] > 0:
                 self._d2h(cap[layer, c0:c0 + T], self.x)
 

@@ -86,7 +86,27 @@ class DeviceInfo:
         return f"{self.name.strip()} [{self.platform.strip()}, {self.type}]"
 
 
-def _devices() -> list[tuple[DeviceInfo, object]]:
+_PROBED: dict[str, str] = {}  # device label -> "" (builds) or why its compiler cannot build a kernel
+_PROBE_SRC = "kernel void probe(global float *x) { x[get_global_id(0)] = 1.0f; }"
+
+
+def _compiler_problem(d, label: str) -> str:
+    """"" when ``d``'s OpenCL compiler builds a trivial kernel, else the driver's reason (probed once per
+    process). Seen here: PoCL 3.0 (LLVM 14) on an AMD Zen 5 CPU it does not know asks clang for target CPU
+    'generic' and every build fails; such a device is left out of the list, and the reason is kept
+    (:func:`unusable_devices`)."""
+    if label not in _PROBED:
+        try:
+            ctx = cl.Context([d])
+            cl.Program(ctx, _PROBE_SRC).build()
+            _PROBED[label] = ""
+        except cl.Error as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()]
+            _PROBED[label] = (lines[-1] if lines else str(exc).splitlines()[0])[:200]
+    return _PROBED[label]
+
+
+def _devices(probe: bool = True) -> list[tuple[DeviceInfo, object]]:
     out = []
     try:
         platforms = cl.get_platforms()
@@ -105,12 +125,22 @@ def _devices() -> list[tuple[DeviceInfo, object]]:
             kind = next((n for n in ("GPU", "CPU", "ACCELERATOR") if d.type & getattr(cl.device_type, n)), "OTHER")
             info = DeviceInfo(len(out), p.name, d.name, kind, kind == "GPU", int(d.global_mem_size),
                               int(d.max_mem_alloc_size), unified)
+            if probe and _compiler_problem(d, info.label()):
+                continue
             out.append((info, d))
     return out
 
 
+def unusable_devices() -> dict[str, str]:
+    """Devices left out of :func:`list_devices` because their compiler cannot build a kernel: label -> reason."""
+    for info, d in _devices(probe=False):
+        _compiler_problem(d, info.label())
+    return {k: v for k, v in _PROBED.items() if v}
+
+
 def list_devices() -> list[DeviceInfo]:
-    """Every OpenCL device of every platform, in ``--device N`` order (creates no context)."""
+    """Every usable OpenCL device of every platform, in ``--device N`` order: a device whose compiler cannot
+    build a trivial kernel is left out (see :func:`unusable_devices`; one probe context per device and process)."""
     return [i for i, _ in _devices()]
 
 

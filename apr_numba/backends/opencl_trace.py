@@ -24,6 +24,7 @@ import copy
 import numpy as np
 import pyopencl as cl
 
+from apr_numba.arch import faults as F
 from apr_numba.arch import stages as S
 
 
@@ -37,7 +38,7 @@ class DeviceTrace:
         c = backend.config
         self.nk = self.pos0 + self.T
         self.alt = None
-        if np.any(self.flags[:, S.F_ROPE_THETA]):
+        if np.any(self.flags[:, F.F_ROPE_THETA]):
             self.alt = tuple(self._to_device(np.ascontiguousarray(t, np.float32)) for t in (cos_alt, sin_alt))
         attn = (self.off[S.S_ATTN_SCORES] >= 0) & (self.off[S.S_ATTN_SOFTMAX] >= 0)
         self.cap = None
@@ -65,18 +66,17 @@ class DeviceTrace:
     def layer(self, layer: int):
         """The kernel arguments of ``layer`` with its teaching faults (a copy of the backend's plain ones)."""
         fl, f = self.flags[layer], copy.copy(self.be._plain)
-        c = self.be.config
-        if fl[S.F_RMSNORM_EPS]:
+        if fl[F.F_RMSNORM_EPS]:
             f.eps = self.eps_alt
-        if fl[S.F_ATTN_SCALE]:
+        if fl[F.F_ATTN_SCALE]:
             f.scale = np.float32(1.0)
-        if fl[S.F_ROPE_STYLE]:
-            f.rope_type = c.rope_type ^ 2  # NORM 0 <-> NEOX 2
-        if fl[S.F_ROPE_THETA]:
+        if fl[F.F_ROPE_STYLE]:
+            f.rope_type = self.be.spec.rope_type ^ 2  # NORM 0 <-> NEOX 2
+        if fl[F.F_ROPE_THETA]:
             f.cos, f.sin = self.alt
-        f.bias_drop, f.ffn_swap = bool(fl[S.F_QKV_BIAS_DROP]), bool(fl[S.F_FFN_SWAP])
-        f.n_keys = self.nk if fl[S.F_CAUSAL_MASK_OFF] else 0
-        f.kv_shift, f.no_max = int(bool(fl[S.F_GQA_MAP])), int(bool(fl[S.F_SOFTMAX_NO_MAX]))
+        f.bias_drop, f.ffn_swap = bool(fl[F.F_QKV_BIAS_DROP]), bool(fl[F.F_FFN_SWAP])
+        f.n_keys = self.nk if fl[F.F_CAUSAL_MASK_OFF] else 0
+        f.kv_shift, f.no_max = int(bool(fl[F.F_GQA_MAP])), int(bool(fl[F.F_SOFTMAX_NO_MAX]))
         if self.cap is not None and self.off[S.S_ATTN_SCORES, layer] >= 0 and self.off[S.S_ATTN_SOFTMAX, layer] >= 0:
             f.capture, f.cap_s, f.cap_p, f.cap_nk = 1, self.cap[0], self.cap[1], self.nk
             for b in self.cap[:2]:  # zeros where masked, as the CPU capture

@@ -6,7 +6,12 @@ to float64; all arithmetic is float64. Function and array names follow the GGUF 
 (``blk.N.attn_norm``, ``attn_q``, ``attn_k``, ``attn_v``, ``attn_output``, ``ffn_norm``, ``ffn_gate``,
 ``ffn_up``, ``ffn_down``, ``output_norm``, ``output`` / ``token_embd``).
 
-Math (decoder-only, pre-norm; HF ``modeling_llama.py`` / ``modeling_qwen2.py``, karpathy ``llama2.c``)::
+It executes the model's :class:`~apr_numba.arch.spec.ArchSpec` (every feature: QK-norm, post-norms, GeGLU,
+sliding windows, soft-capping, RoPE frequency factors, mixture-of-experts) with the operations of
+:mod:`apr_numba.backends.reference_ops`, and loads exactly the tensors the spec names, checked once by
+:func:`apr_numba.model.plan.check_tensors`.
+
+Math of the plain block (decoder-only, pre-norm; HF ``modeling_llama.py`` / ``modeling_qwen2.py``, llama2.c)::
 
     x   = token_embd[ids]                                              (T, D)
     for each block N:
@@ -29,7 +34,7 @@ equals HF's rotate_half on the HF layout (see ``tests/fixtures/make_hf_fixtures.
 de-permutation is done here: GGUF layout + NORM RoPE gives the same logits as HF.
 
 Tracing and teaching faults: :meth:`ReferenceModel.forward_traced` records every aprender trace stage
-(the names of :class:`apr_numba.debug.trace.SaveTensorStage`) of every block, and takes a fault plan
+(the names of :class:`apr_numba.debug.tracing.SaveTensorStage`) of every block, and takes a fault plan
 (:mod:`apr_numba.debug.faults`): ``block(..., faults=BlockFaults)`` swaps in the wrong RoPE base / pairing / eps,
 drops the scale / mask / bias, shifts the GQA map, swaps gate and up, or runs the float16-overflowing
 softmax; ``load_block(il, plan)`` dequantizes a q4k-scale matrix from its corrupted bytes.
@@ -38,24 +43,57 @@ softmax; ``load_block(il, plan)`` dequantizes a q4k-scale matrix from its corrup
 Memory: weights are dequantized block by block while that block runs, embedding rows are dequantized
 only for the tokens used, and the lm_head is applied in row chunks, so the peak is about one block's
 float64 weights plus a (chunk x D) slice of the lm_head (the 0.5B model runs in well under 1 GB).
+``budget_bytes`` keeps dequantized blocks (and lm_head chunks) across calls while they fit, least recently
+used first out, so a per-token caller (the dashboard's shadow, :meth:`ReferenceModel.eval` with a
+:class:`RefState` KV cache) does not dequantize the whole model per token when memory allows.
 """
 
 from __future__ import annotations
 
-import math
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from apr_numba.arch.spec import K_NORM, POST_ATTN_NORM, POST_FFN_NORM, Q_NORM, ArchSpec
+from apr_numba.arch.stages import STAGE
+from apr_numba.arch.traits import ACT_GELU_TANH, FEATURES
+from apr_numba.backends.reference_ops import (  # noqa: F401 (rope, softmax... re-exported for tools and tests)
+    F16_MAX,
+    causal_attention,
+    gelu_tanh,
+    moe_ffn,
+    rms_norm,
+    rope,
+    silu,
+    softmax,
+)
 from apr_numba.debug.faults import NO_FAULTS, BlockFaults, FaultPlan, corrupted_raw
 from apr_numba.errors import ArgumentError, ModelFormatError
-from apr_numba.model.hparams import ROPE_NEOX, ROPE_NORM, ModelConfig, gguf_metadata
+from apr_numba.model import plan as tensor_plan
+from apr_numba.model.hparams import ModelConfig, gguf_metadata
 
 LM_HEAD_CHUNK = 16384  # rows of the lm_head dequantized at a time (16384 x 896 x 8 B = 117 MB)
-F16_MAX = 65504.0  # largest finite float16 (softmax-no-max fault)
+IMPLEMENTS = frozenset(FEATURES)  # the reference executes every feature an ArchSpec describes
+
+
+@dataclass
+class RefState:
+    """The reference's float64 KV cache: per layer keys and values after RoPE, (n_past, n_kv, head_dim) each,
+    grown as tokens arrive, plus ``n_past`` positions (llama.cpp's ``llama_kv_cache`` + ``n_past``)."""
+
+    k: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    n_past: int = 0
+    n_ctx: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache."""
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
 
 @dataclass
@@ -72,103 +110,6 @@ class ReferenceOutput:
     logits: np.ndarray
     layer_outputs: np.ndarray
     final_norm: np.ndarray
-
-
-# ---------------------------------------------------------------------------------------------- math
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight`` (HF LlamaRMSNorm)."""
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    """SiLU / swish: ``x * sigmoid(x)``."""
-    return x / (1.0 + np.exp(-x))
-
-
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax; ``-inf`` entries get probability 0."""
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
-
-
-def rope(x: np.ndarray, positions: np.ndarray, theta_base: float, rope_type: int) -> np.ndarray:
-    """Rotary position embedding.
-
-    Args:
-        x: (T, n_heads, head_dim) queries or keys.
-        positions: (T,) integer positions p.
-        theta_base: RoPE frequency base (``{arch}.rope.freq_base``).
-        rope_type: ROPE_NORM rotates (x[2i], x[2i+1]); ROPE_NEOX rotates (x[i], x[i + head_dim/2]).
-
-    Returns:
-        (T, n_heads, head_dim) float64 with each pair (a, b) rotated by angle p * theta_i,
-        theta_i = base^(-2i/head_dim): (a cos - b sin, a sin + b cos).
-    """
-    hd = x.shape[-1]
-    inv_freq = theta_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd/2,)
-    angle = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
-    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]  # broadcast over heads
-    if rope_type == ROPE_NORM:
-        a, b = x[..., 0::2], x[..., 1::2]
-    elif rope_type == ROPE_NEOX:
-        a, b = x[..., : hd // 2], x[..., hd // 2:]
-    else:
-        raise ModelFormatError(f"unknown rope_type {rope_type}")
-    out = np.empty_like(x, dtype=np.float64)
-    ra, rb = a * cos - b * sin, a * sin + b * cos
-    if rope_type == ROPE_NORM:
-        out[..., 0::2], out[..., 1::2] = ra, rb
-    else:
-        out[..., : hd // 2], out[..., hd // 2:] = ra, rb
-    return out
-
-
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, faults: BlockFaults = NO_FAULTS,
-                     trace: dict | None = None) -> np.ndarray:
-    """Causal multi-head attention with grouped-query KV heads.
-
-    Args:
-        q: (T, n_head, hd); k, v: (T, n_head_kv, hd), n_head a multiple of n_head_kv.
-        faults: teaching faults of this block (apr_numba.debug.faults): ``attn-scale`` drops 1/sqrt(hd),
-            ``causal-mask-off`` removes the mask, ``gqa-map`` reads kv head (h // n_rep + 1) % n_kv,
-            ``softmax-no-max`` skips the max subtraction, holds e^s in float32 (a row whose every e^s
-            underflows gives 0/0 = NaN) and overflows like float16 (e^s > 65504 -> inf, inf/inf = NaN).
-        trace: if a dict, ``attn_scores`` (scaled, before the mask, shown with zeros above the diagonal)
-            and ``attn_softmax`` are stored in it, each (n_head, T, T).
-
-    Returns:
-        (T, n_head * hd): per head ``softmax(q k^T / sqrt(hd) + mask) v``, where query head h reads
-        kv head ``h // (n_head / n_head_kv)`` (HF ``repeat_kv``) and the mask forbids t' > t.
-    """
-    t, n_head, hd = q.shape
-    n_kv = k.shape[1]
-    n_rep = n_head // n_kv
-    mask = np.triu(np.full((t, t), -np.inf), k=1)  # (T, T): -inf above the diagonal
-    if "causal-mask-off" in faults:
-        mask = np.zeros((t, t))
-    scale = 1.0 if "attn-scale" in faults else 1.0 / math.sqrt(hd)
-    out = np.empty((t, n_head, hd))
-    all_scores, all_probs = np.zeros((n_head, t, t)), np.empty((n_head, t, t))
-    for h in range(n_head):
-        kv = h // n_rep
-        if "gqa-map" in faults:
-            kv = (kv + 1) % n_kv
-        scores = q[:, h, :] @ k[:, kv, :].T * scale  # (T, T), before the mask
-        if "softmax-no-max" in faults:  # the faulty kernels: no max subtraction, exp held in float32
-            with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-                e = np.exp(scores + mask).astype(np.float32).astype(np.float64)  # (underflow -> 0: 0/0 = NaN)
-                e[e > F16_MAX] = np.inf  # and overflowing like float16
-                probs = np.where(np.isneginf(mask), 0.0, e / np.sum(e, axis=-1, keepdims=True))  # masked: 0
-        else:
-            probs = softmax(scores + mask, axis=-1)
-        all_scores[h] = np.tril(scores)
-        all_probs[h] = probs
-        out[:, h, :] = probs @ v[:, kv, :]
-    if trace is not None:
-        trace.update(attn_scores=all_scores, attn_softmax=all_probs)
-    return out.reshape(t, n_head * hd)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -193,40 +134,60 @@ class _SourceTensor:
         return raw.reshape(-1) if len(shape) == 1 else raw.reshape(int(np.prod(shape[:-1])), -1)
 
 
+class _ReaderShape:
+    """A gguf ReaderTensor seen as a plan source tensor (``shape`` in NumPy order) for ArchSpec.from_metadata."""
+
+    def __init__(self, t) -> None:
+        self.shape = tuple(int(n) for n in reversed(t.shape))
+
+
 class ReferenceModel:
-    """float64 NumPy forward of a llama / qwen2 GGUF (see the module docstring for the math).
+    """float64 NumPy forward of a decoder GGUF, executing its :class:`ArchSpec` (see the module docstring).
 
     Args:
         path: GGUF file. The file is memory-mapped by ``gguf.GGUFReader``; nothing is dequantized
-            until :meth:`forward` runs.
+            until a forward runs.
+        budget_bytes: float64 weights kept across calls (least recently used first out); 0 keeps none.
+
+    Raises:
+        ModelFormatError: unknown architecture, a tensor missing / misshapen / of an unknown type.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, budget_bytes: int = 0) -> None:
         self.path = str(path)
         self.reader = gguf.GGUFReader(self.path)
-        self.config: ModelConfig = ModelConfig.from_metadata(gguf_metadata(self.reader), self.path)
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        for name in ("token_embd.weight", "output_norm.weight"):
-            if name not in self.tensors:
-                raise ModelFormatError(f"{self.path}: tensor {name!r} is missing")
-        # lm_head: ``output.weight`` or, when absent, the tied ``token_embd.weight``
-        self.lm_head_name = "output.weight" if "output.weight" in self.tensors else "token_embd.weight"
-        self.tied = self.lm_head_name == "token_embd.weight"
+        tensors = {t.name: _ReaderShape(t) for t in self.reader.tensors}
+        spec = ArchSpec.from_metadata(gguf_metadata(self.reader), self.path, tensors)
+        self._init(spec, {t.name: t for t in self.reader.tensors}, budget_bytes)
 
     @classmethod
-    def from_source(cls, source, config: ModelConfig) -> ReferenceModel:
+    def from_source(cls, source, spec: ArchSpec, budget_bytes: int = 0) -> ReferenceModel:
         """The same model over an already-open source (``GGUFFile``: cached metadata, memory-mapped bytes),
         skipping ``GGUFReader``'s parse of the metadata (seconds for a 150k-token vocabulary). Weights are
         still dequantized by gguf-py from the same raw blocks."""
         self = cls.__new__(cls)
-        self.path, self.reader, self.config = str(source.path), None, config
-        self.tensors = {n: _SourceTensor(source, t) for n, t in source.tensors.items()}
-        for name in ("token_embd.weight", "output_norm.weight"):
-            if name not in self.tensors:
-                raise ModelFormatError(f"{self.path}: tensor {name!r} is missing")
-        self.lm_head_name = "output.weight" if "output.weight" in self.tensors else "token_embd.weight"
-        self.tied = self.lm_head_name == "token_embd.weight"
+        self.path, self.reader = str(source.path), None
+        tensor_plan.check_tensors(spec, source)
+        self._init(spec, {n: _SourceTensor(source, t) for n, t in source.tensors.items()}, budget_bytes)
         return self
+
+    def _init(self, spec: ArchSpec, tensors: dict, budget_bytes: int) -> None:
+        self.spec = spec
+        self.config: ModelConfig = spec.hp
+        self.tensors = tensors
+        for ts in tensor_plan.all_tensors(spec):
+            t = tensors.get(ts.name)
+            if t is None:
+                raise ModelFormatError(f"{self.path}: required tensor {ts.name!r} is missing")
+            if tuple(int(n) for n in reversed(t.shape)) != tuple(ts.shape):
+                raise ModelFormatError(f"{self.path}: tensor {ts.name} has shape "
+                                       f"{tuple(int(n) for n in reversed(t.shape))}, expected {ts.shape}")
+        self.lm_head_name = "token_embd.weight" if spec.tied_head else "output.weight"
+        self.tied = spec.tied_head
+        self.budget_bytes = int(budget_bytes)
+        self._cache: OrderedDict = OrderedDict()
+        self._cached = 0
+        self.freq_factors = self.weight("rope_freqs.weight") if spec.rope_freqs else None
 
     # ---- weights
 
@@ -235,10 +196,12 @@ class ReferenceModel:
         return name in self.tensors
 
     def weight(self, name: str) -> np.ndarray:
-        """Dequantize GGUF tensor ``name`` to float64; numpy shape is GGUF ``ne`` reversed, (out, in)."""
+        """Dequantize GGUF tensor ``name`` to float64; numpy shape is GGUF ``ne`` reversed ((out, in) for a
+        matrix, (n_expert, out, in) for expert stacks)."""
         if name not in self.tensors:
             raise ModelFormatError(f"{self.path}: tensor {name!r} is missing")
-        return self._rows(name, slice(None))
+        shape = tuple(int(n) for n in reversed(self.tensors[name].shape))
+        return self._rows(name, slice(None)).reshape(shape)
 
     def _rows(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
         """Dequantize rows ``rows`` of a 2-D (or all of a 1-D) tensor to float64.
@@ -252,83 +215,138 @@ class ReferenceModel:
         shape = tuple(int(n) for n in reversed(t.shape))
         if len(shape) == 1:
             return w.reshape(shape)
-        return w.reshape(-1, shape[1])
+        return w.reshape(-1, shape[-1])
+
+    def _cached_get(self, key, make):
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        val = make()
+        size = sum(a.nbytes for a in val.values()) if isinstance(val, dict) else val.nbytes
+        if self.budget_bytes and size <= self.budget_bytes:
+            while self._cached + size > self.budget_bytes and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= sum(a.nbytes for a in old.values()) if isinstance(old, dict) else old.nbytes
+            self._cache[key] = val
+            self._cached += size
+        return val
+
+    @property
+    def cached_bytes(self) -> int:
+        """float64 weight bytes held across calls (<= ``budget_bytes``)."""
+        return self._cached
 
     def token_embd(self, token_ids: np.ndarray) -> np.ndarray:
-        """Embedding rows for ``token_ids`` (T,), float64 (T, n_embd); only those rows are dequantized."""
-        return self._rows("token_embd.weight", token_ids)
+        """Embedding rows for ``token_ids`` (T,), float64 (T, n_embd), times the spec's embedding scale; only
+        those rows are dequantized."""
+        x = self._rows("token_embd.weight", token_ids)
+        return x * self.spec.embed_scale if self.spec.embed_scale != 1.0 else x
 
     def output(self, x: np.ndarray) -> np.ndarray:
-        """lm_head: ``x @ output.T`` for x (T, n_embd) -> (T, n_vocab) float64, in row chunks."""
+        """lm_head: ``x @ output.T`` for x (T, n_embd) -> (T, n_vocab) float64, in row chunks, then the
+        final soft-cap when the spec has one."""
         n_vocab = int(self.tensors[self.lm_head_name].shape[-1])
         logits = np.empty((x.shape[0], n_vocab))
         for r0 in range(0, n_vocab, LM_HEAD_CHUNK):
             r1 = min(r0 + LM_HEAD_CHUNK, n_vocab)
-            logits[:, r0:r1] = x @ self._rows(self.lm_head_name, slice(r0, r1)).T
-        return logits
+            w = self._cached_get(("head", r0), lambda r0=r0, r1=r1: self._rows(self.lm_head_name, slice(r0, r1)))
+            logits[:, r0:r1] = x @ w.T
+        cap = self.spec.final_softcap
+        return cap * np.tanh(logits / cap) if cap > 0 else logits
 
     def load_block(self, il: int, plan: FaultPlan | None = None) -> dict[str, np.ndarray]:
-        """Dequantize every tensor of block ``il`` to float64, keyed by the name after ``blk.{il}.``
-
-        (e.g. ``"attn_q.weight"`` (q_dim, n_embd), ``"attn_q.bias"`` (q_dim,) when present). With a
-        q4k-scale ``plan``, the matrices it names are dequantized from their corrupted bytes
-        (:func:`apr_numba.debug.faults.corrupted_raw`).
-        """
+        """Dequantize every tensor of block ``il`` the spec names to float64, keyed by the name after
+        ``blk.{il}.`` (e.g. ``"attn_q.weight"`` (q_dim, n_embd)). With a q4k-scale ``plan``, the matrices it
+        names are dequantized from their corrupted bytes (:func:`apr_numba.debug.faults.corrupted_raw`)."""
+        faulty = [slot for layer, slot in (plan.matrices if plan is not None else ()) if layer == il]
+        if not faulty:
+            return self._cached_get(("blk", il), lambda: self._load_block(il))
+        w = dict(self._load_block(il))
         prefix = f"blk.{il}."
-        w = {n[len(prefix):]: self.weight(n) for n in self.tensors if n.startswith(prefix)}
-        for layer, slot in (plan.matrices if plan is not None else ()):
-            if layer == il:
-                t = self.tensors[f"{prefix}{slot}.weight"]
-                rows, cols = (int(n) for n in reversed(t.shape))
-                raw = corrupted_raw(int(t.tensor_type), t.data, (rows, cols)).reshape(rows, -1)
-                w[f"{slot}.weight"] = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float64).reshape(rows, cols)
+        for slot in faulty:
+            t = self.tensors[f"{prefix}{slot}.weight"]
+            rows, cols = (int(n) for n in reversed(t.shape))
+            raw = corrupted_raw(int(t.tensor_type), t.data, (rows, cols)).reshape(rows, -1)
+            w[f"{slot}.weight"] = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float64).reshape(rows, cols)
         return w
+
+    def _load_block(self, il: int) -> dict[str, np.ndarray]:
+        prefix = f"blk.{il}."
+        return {ts.name[len(prefix):]: self.weight(ts.name) for ts in self.spec.block_tensors(il).values()}
 
     # ---- forward
 
     def block(self, w: dict[str, np.ndarray], x: np.ndarray, positions: np.ndarray,
-              trace: dict | None = None, faults: BlockFaults = NO_FAULTS) -> np.ndarray:
-        """Run one transformer block with weights ``w`` (from :meth:`load_block`) on x (T, n_embd).
+              trace: dict | None = None, faults: BlockFaults = NO_FAULTS, layer: int = 0,
+              past: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Run block ``layer`` with weights ``w`` (from :meth:`load_block`) on x (T, n_embd) at ``positions``.
 
-        Returns the block output (T, n_embd) float64. If ``trace`` is a dict, every per-layer trace stage
-        is stored in it under its aprender name (apr_numba.debug.trace.SaveTensorStage), as 2-D (T, width)
-        arrays except ``attn_scores`` / ``attn_softmax`` (n_head, T, T). ``faults``: teaching faults of
-        this block (apr_numba.debug.faults.BlockFaults; weight faults come in through ``w``).
+        ``past``: the cached (keys, values) of earlier positions, (P, n_kv, hd) each, positions 0..P-1; the
+        new keys and values are then in ``self.last_kv`` (P + T rows). Returns the block output (T, n_embd)
+        float64. If ``trace`` is a dict, every per-layer trace stage is stored in it under its aprender name
+        (apr_numba.arch.stages), as 2-D (T, width) arrays except ``attn_scores`` / ``attn_softmax``
+        (n_head, T, P + T). ``faults``: teaching faults (weight faults come in through ``w``).
         """
-        cfg = self.config
+        spec, cfg = self.spec, self.config
         t = x.shape[0]
         eps = faults.eps if "rmsnorm-eps" in faults else cfg.rms_eps
-        theta = faults.rope_theta if "rope-theta" in faults else cfg.rope_theta
-        rope_type = cfg.rope_type ^ 2 if "rope-style" in faults else cfg.rope_type  # NORM 0 <-> NEOX 2
+        theta = faults.rope_theta if "rope-theta" in faults else spec.layer_rope_base[layer]
+        rope_type = spec.rope_type ^ 2 if "rope-style" in faults else spec.rope_type  # NORM 0 <-> NEOX 2
+        pos_scale = 1.0 / spec.rope_scaling.factor if spec.rope_scaling.kind == "linear" else 1.0
         st: dict[str, np.ndarray] = {}
 
         # --- self-attention
-        st["attn_norm"] = attn_norm = rms_norm(x, w["attn_norm.weight"], eps)
+        st[STAGE.attn_norm] = attn_norm = rms_norm(x, w["attn_norm.weight"], eps)
         q, k, v = (attn_norm @ w[f"attn_{c}.weight"].T for c in "qkv")  # h @ W.T, W is (out, in)
-        st["qkv_matmul"] = np.concatenate([q, k, v], axis=1)
-        if "attn_q.bias" in w and "qkv-bias-drop" not in faults:
+        st[STAGE.qkv_matmul] = np.concatenate([q, k, v], axis=1)
+        if spec.qkv_bias and "qkv-bias-drop" not in faults:
             q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
-        st["qkv_bias"] = np.concatenate([q, k, v], axis=1)
-        q = rope(q.reshape(t, cfg.n_head, cfg.head_dim), positions, theta, rope_type)
-        k = rope(k.reshape(t, cfg.n_head_kv, cfg.head_dim), positions, theta, rope_type)
-        st["q_post_rope"], st["k_post_rope"] = q.reshape(t, -1), k.reshape(t, -1)
-        st["attention"] = attn = causal_attention(q, k, v.reshape(t, cfg.n_head_kv, cfg.head_dim), faults, st)
-        st["attn_out"] = attn_out = attn @ w["attn_output.weight"].T
-        st["post_attn_residual"] = x = x + attn_out
+        st[STAGE.qkv_bias] = np.concatenate([q, k, v], axis=1)
+        q = q.reshape(t, cfg.n_head, cfg.head_dim)
+        k = k.reshape(t, cfg.n_head_kv, cfg.head_dim)
+        if spec.qk_norm:
+            q, k = rms_norm(q, w[Q_NORM], eps), rms_norm(k, w[K_NORM], eps)
+        q = rope(q, positions, theta, rope_type, self.freq_factors, pos_scale)
+        k = rope(k, positions, theta, rope_type, self.freq_factors, pos_scale)
+        st[STAGE.q_post_rope], st[STAGE.k_post_rope] = q.reshape(t, -1), k.reshape(t, -1)
+        v = v.reshape(t, cfg.n_head_kv, cfg.head_dim)
+        if past is not None:
+            k, v = np.concatenate([past[0], k]), np.concatenate([past[1], v])
+        self.last_kv = (k, v)
+        st[STAGE.attention] = attn = causal_attention(
+            q, k, v, faults, st, q_pos=positions, k_pos=np.arange(k.shape[0]), window=spec.layer_window[layer],
+            scale=spec.attn_scale, softcap=spec.attn_softcap)
+        st[STAGE.attn_out] = attn_out = attn @ w["attn_output.weight"].T
+        if spec.post_attn_norm:
+            attn_out = rms_norm(attn_out, w[POST_ATTN_NORM], eps)
+        st[STAGE.post_attn_residual] = x = x + attn_out
 
-        # --- SwiGLU feed-forward
-        st["ffn_norm"] = ffn_norm = rms_norm(x, w["ffn_norm.weight"], eps)
-        gate, up = ffn_norm @ w["ffn_gate.weight"].T, ffn_norm @ w["ffn_up.weight"].T
-        if "ffn-swap" in faults:
-            gate, up = up, gate
-        st["ffn_gate"], st["ffn_up"] = gate, up
-        st["ffn_silu"] = silu(gate)
-        st["ffn_swigl"] = swigl = st["ffn_silu"] * up
-        st["ffn_out"] = ffn_out = swigl @ w["ffn_down.weight"].T
-        st["post_ffn_residual"] = out = x + ffn_out
+        # --- feed-forward: SwiGLU / GeGLU, or the mixture of experts
+        st[STAGE.ffn_norm] = ffn_norm = rms_norm(x, w["ffn_norm.weight"], eps)
+        act = gelu_tanh if spec.activation == ACT_GELU_TANH else silu
+        if spec.n_expert:
+            ffn_out = moe_ffn(ffn_norm, w["ffn_gate_inp.weight"], w["ffn_gate_exps.weight"], w["ffn_up_exps.weight"],
+                              w["ffn_down_exps.weight"], spec.n_expert_used, spec.expert_norm, act, st)
+        else:
+            gate, up = ffn_norm @ w["ffn_gate.weight"].T, ffn_norm @ w["ffn_up.weight"].T
+            if "ffn-swap" in faults:
+                gate, up = up, gate
+            st[STAGE.ffn_gate], st[STAGE.ffn_up] = gate, up
+            st[STAGE.ffn_silu] = act(gate)
+            st[STAGE.ffn_swigl] = swigl = st[STAGE.ffn_silu] * up
+            ffn_out = swigl @ w["ffn_down.weight"].T
+        st[STAGE.ffn_out] = ffn_out
+        if spec.post_ffn_norm:
+            ffn_out = rms_norm(ffn_out, w[POST_FFN_NORM], eps)
+        st[STAGE.post_ffn_residual] = out = x + ffn_out
         if trace is not None:
             trace.update(st)
         return out
+
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        """``rms_norm(x, output_norm)`` (T, n_embd)."""
+        return rms_norm(x, self._cached_get(("output_norm",), lambda: self.weight("output_norm.weight")),
+                        self.config.rms_eps)
 
     def forward_traced(self, token_ids: Sequence[int], layers: Sequence[int] | None = None,
                        whole_model: bool = True, plan: FaultPlan | None = None) -> dict:
@@ -358,11 +376,11 @@ class ReferenceModel:
             w = self.load_block(il, plan)
             st: dict = {}
             bf = plan.block_faults(il) if plan is not None else NO_FAULTS
-            x = self.block(w, x, positions, trace=st if il in rec else None, faults=bf)
+            x = self.block(w, x, positions, trace=st if il in rec else None, faults=bf, layer=il)
             out.update({(il, k): v for k, v in st.items()})
             del w
         if whole_model:
-            fn = rms_norm(x, self.weight("output_norm.weight"), cfg.rms_eps)
+            fn = self.final_norm(x)
             out[(None, "final_norm")] = fn
             out[(None, "lm_head")] = self.output(fn)
         return out
@@ -375,6 +393,48 @@ class ReferenceModel:
         if ids.min() < 0 or ids.max() >= n_vocab:
             raise ArgumentError(f"token id out of range [0, {n_vocab}): {ids.min()}..{ids.max()}")
         return ids
+
+    def new_state(self, n_ctx: int | None = None) -> RefState:
+        """An empty float64 KV cache for :meth:`eval` holding up to ``n_ctx`` positions (default: the
+        model's training context)."""
+        return RefState(n_ctx=int(n_ctx or self.config.n_ctx_train))
+
+    def eval(self, token_ids: Sequence[int], state: RefState, n_logits: int = 1,
+             capture_layers: bool = False):
+        """Append ``token_ids`` to the sequence cached in ``state`` (positions n_past..) and return logits.
+
+        The same contract as :meth:`apr_numba.model.decoder.Model.eval`, in float64: prefill when
+        len > 1, decode when 1; each block reads the cached keys and values of earlier positions.
+
+        Returns:
+            logits float64 (n_logits, n_vocab), or (logits, layer_outputs (n_layer, T, n_embd)) with
+            ``capture_layers``.
+
+        Raises:
+            ArgumentError: empty input, an id outside the vocabulary, or the context is full.
+        """
+        cfg = self.config
+        ids = self._check_ids(token_ids)
+        if state.n_past + ids.size > state.n_ctx:
+            raise ArgumentError(f"{state.n_past + ids.size} positions exceed the context length {state.n_ctx}")
+        positions = np.arange(state.n_past, state.n_past + ids.size)
+        x = self.token_embd(ids)
+        layer_out = np.empty((cfg.n_layer, ids.size, cfg.n_embd)) if capture_layers else None
+        for il in range(cfg.n_layer):
+            past = (state.k[il], state.v[il]) if il < len(state.k) else None
+            x = self.block(self.load_block(il), x, positions, layer=il, past=past)
+            k, v = self.last_kv
+            if il < len(state.k):
+                state.k[il], state.v[il] = k, v
+            else:
+                state.k.append(k)
+                state.v.append(v)
+            if layer_out is not None:
+                layer_out[il] = x
+        state.n_past += ids.size
+        n = max(0, min(int(n_logits), ids.size))
+        logits = self.output(self.final_norm(x[ids.size - n:])) if n else np.empty((0, cfg.n_vocab))
+        return (logits, layer_out) if capture_layers else logits
 
     def forward(self, token_ids: Sequence[int], last_only: bool = False) -> ReferenceOutput:
         """Full-sequence forward at positions 0..T-1 (no KV cache).
@@ -406,11 +466,10 @@ class ReferenceModel:
         for il in range(cfg.n_layer):
             w = self.load_block(il)  # this block's float64 weights, freed after the loop step
             for s, ids in enumerate(ids_list):
-                xs[s] = self.block(w, xs[s], np.arange(ids.size))
+                xs[s] = self.block(w, xs[s], np.arange(ids.size), layer=il)
                 layer_outputs[s][il] = xs[s]
             del w
-        norm_w = self.weight("output_norm.weight")
-        final_norms = [rms_norm(x, norm_w, cfg.rms_eps) for x in xs]
+        final_norms = [self.final_norm(x) for x in xs]
         heads = [fn[-1:] if last_only else fn for fn in final_norms]
         logits = self.output(np.concatenate(heads))  # one pass over the lm_head for all sequences
         out, r0 = [], 0

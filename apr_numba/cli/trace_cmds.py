@@ -32,7 +32,7 @@ def add_trace(sub) -> None:
 
 
 def cmd_trace(a) -> int:
-    from apr_numba.debug.trace import trace
+    from apr_numba.debug.tracing import trace
     from apr_numba.generation.generate import prompt_ids
 
     model = _load(a.model)

@@ -33,7 +33,7 @@ import numpy as np
 
 from apr_numba.arch.stages import SaveTensorStage
 from apr_numba.debug.stage_diff import diff_arrays, finite_pair
-from apr_numba.debug.trace import BACKENDS, Trace, chain_order, single_thread_blas, trace
+from apr_numba.debug.tracing import BACKENDS, Trace, chain_order, single_thread_blas, trace
 from apr_numba.errors import ArgumentError
 
 DEFAULT_THRESHOLD = 0.999
@@ -147,7 +147,7 @@ def bisect(model, prompt: str | None = None, *, tokens=None, a: str = "cpu", b: 
     Raises:
         ArgumentError: bad sides, threshold, fault, or a trace folder made from other tokens.
     """
-    from apr_numba.debug.trace import _as_model
+    from apr_numba.debug.tracing import _as_model
 
     if not 0.0 < threshold <= 1.0:
         raise ArgumentError(f"threshold must be in (0, 1], got {threshold}")

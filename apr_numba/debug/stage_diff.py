@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apr_numba.debug.trace import Trace, chain_order, read_aprt, single_thread_blas
+from apr_numba.debug.tracing import Trace, chain_order, read_aprt, single_thread_blas
 from apr_numba.errors import ArgumentError, ModelFormatError
 
 SCHEMA = "apr-stage-diff-v1"

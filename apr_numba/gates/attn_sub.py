@@ -1,6 +1,6 @@
 """ATTN-SUB-001..005: the attention sub-stages (attn_scores, attn_softmax) in tracing, stage diff and bisection.
 
-Measured with the real commands' code: :func:`apr_numba.debug.trace.trace` (CPU backend),
+Measured with the real commands' code: :func:`apr_numba.debug.tracing.trace` (CPU backend),
 :mod:`apr_numba.debug.stage_diff` and :func:`apr_numba.debug.bisection.compare_traces`, on the gated model with a short
 prompt.
 """
@@ -47,7 +47,7 @@ def attn_sub_001(ctx, *, stages=None, drop=()) -> Measured:
 
     Injection: ``stages`` replaces the stage table; ``drop`` removes stages from the captured trace."""
     from apr_numba.arch.stages import STAGES, SaveTensorStage
-    from apr_numba.debug.trace import trace
+    from apr_numba.debug.tracing import trace
 
     bad = _order_ok(stages if stages is not None else STAGES, "stage table")
     bad += _order_ok([s.value for s in SaveTensorStage], "SaveTensorStage")
@@ -65,7 +65,7 @@ def attn_sub_002(ctx, *, mutate=None) -> Measured:
 
     Injection: ``mutate(trace)`` alters the Trace before it is checked and saved (a capture writing the wrong
     shape)."""
-    from apr_numba.debug.trace import Trace, read_aprt, stage_path, trace
+    from apr_numba.debug.tracing import Trace, read_aprt, stage_path, trace
 
     m = ctx.model
     c = m.config
@@ -115,7 +115,7 @@ def attn_sub_003(ctx, *, diff_fn=None) -> Measured:
 
     Injection: ``diff_fn(path_a, path_b, limit)`` replaces ``diff_files``."""
     from apr_numba.debug import stage_diff
-    from apr_numba.debug.trace import stage_path, trace
+    from apr_numba.debug.tracing import stage_path, trace
 
     fn = diff_fn or stage_diff.diff_files
     m = ctx.model
@@ -160,7 +160,7 @@ def attn_sub_004(ctx, *, drop=()) -> Measured:
     Injection: ``drop`` removes stages from both traces before the walk (a trace without the sub-stages)."""
     from apr_numba.debug.bisection import compare_traces
     from apr_numba.debug.faults import plan_fault
-    from apr_numba.debug.trace import trace
+    from apr_numba.debug.tracing import trace
 
     m = ctx.model
     c = m.config
@@ -200,7 +200,7 @@ def attn_sub_005(ctx, *, alias_kv: bool = False, n: int = 8) -> Measured:
 
     Injection: ``alias_kv`` points the capture buffer at the KV cache's memory (a capture that writes into the
     model's state)."""
-    from apr_numba.debug.trace import parse_stages, trace_table, wanted_keys
+    from apr_numba.debug.tracing import parse_stages, trace_table, wanted_keys
 
     m = ctx.model
     c = m.config

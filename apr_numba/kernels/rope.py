@@ -38,6 +38,21 @@ def rope_tables(n_ctx: int, head_dim: int, theta: float, freq_factors: np.ndarra
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
+def spec_rope_tables(spec, n_ctx: int, freq_factors: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RoPE tables of a model described by ``spec`` (an :class:`~apr_numba.arch.spec.ArchSpec`): cos, sin float32
+    (n_tables, n_ctx, head_dim/2) and the table index of each layer int64 (n_layer,); one table per distinct
+    per-layer base (gemma3: global and local), with the file's ``rope_freqs`` divisors ``freq_factors`` and
+    linear scaling applied (:func:`rope_tables`)."""
+    hd = spec.hp.head_dim
+    pos_scale = 1.0 / spec.rope_scaling.factor if spec.rope_scaling.kind == "linear" else 1.0
+    bases = sorted(set(spec.layer_rope_base), key=spec.layer_rope_base.index)
+    tabs = [rope_tables(n_ctx, hd, b, freq_factors, pos_scale) for b in bases]
+    cos = np.stack([c for c, _ in tabs])
+    sin = np.stack([s for _, s in tabs])
+    return cos, sin, np.array([bases.index(b) for b in spec.layer_rope_base], np.int64)
+
+
 @njit(fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)
 def rope_inplace(x, col0, n_heads, head_dim, pos0, cos, sin, rope_type):
     """Rotate heads of x (T, *) in place: columns [col0, col0 + n_heads*head_dim), row t at pos0 + t."""

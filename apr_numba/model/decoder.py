@@ -17,6 +17,8 @@ import numpy as np
 from apr_numba import runtime as _config
 from apr_numba.arch.spec import ArchSpec
 from apr_numba.errors import ArgumentError, ModelFormatError
+from apr_numba.kernels.rope import spec_rope_tables
+from apr_numba.model import plan
 from apr_numba.model.hparams import ModelConfig
 from apr_numba.model.weights import ModelWeights, load_weights
 
@@ -71,24 +73,6 @@ def _open_source(path: Path):
     raise ModelFormatError(f"{path}: not a GGUF or .apr model file (magic {magic!r})")
 
 
-def rope_tables_for(spec: ArchSpec, source, n_ctx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """RoPE tables of a model: cos, sin float32 (n_tables, n_ctx, head_dim/2) and the table index of each layer
-    int64 (n_layer,); one table per distinct per-layer base (gemma3: global and local), with the file's
-    ``rope_freqs`` divisors and linear scaling applied (:func:`apr_numba.kernels.rope.rope_tables`)."""
-    from apr_numba.kernels.rope import rope_tables
-    from apr_numba.model import plan
-
-    c = spec.hp
-    ff = plan.vector(source, spec.model_tensors()["rope_freqs.weight"]) if spec.rope_freqs else None
-    pos_scale = 1.0 / spec.rope_scaling.factor if spec.rope_scaling.kind == "linear" else 1.0
-    bases = sorted(set(spec.layer_rope_base), key=spec.layer_rope_base.index)
-    tabs = [rope_tables(n_ctx, c.head_dim, b, ff, pos_scale) for b in bases]
-    cos = np.stack([t[0] for t in tabs])
-    sin = np.stack([t[1] for t in tabs])
-    layer = np.array([bases.index(b) for b in spec.layer_rope_base], np.int64)
-    return cos, sin, layer
-
-
 class Model:
     """A decoder-only LLM ready to run.
 
@@ -121,7 +105,8 @@ class Model:
         from apr_numba.backends.cpu_forward import cfg_tuple, fp_tuple
 
         c, spec = self.config, self.spec
-        self.rope_cos, self.rope_sin, self.rope_layer = rope_tables_for(spec, self.source, self.n_ctx)
+        freqs = plan.rope_freqs(spec, self.source)
+        self.rope_cos, self.rope_sin, self.rope_layer = spec_rope_tables(spec, self.n_ctx, freqs)
         self.state = self.new_state()
         self._cfg, self._fp = cfg_tuple(spec), fp_tuple(spec)
         self.no_capture = np.zeros((0, 0, 0), np.float32)  # 'no layer capture' for forward_into
@@ -330,7 +315,8 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
 
     Raises:
         ArgumentError: unknown model name or backend, bad threads/n_ctx/device, no_gpu with "opencl".
-        ModelFormatError: the file is missing, malformed, truncated or of an unsupported architecture.
+        ModelFormatError: the file is missing, malformed, truncated, of an unsupported architecture, or an
+            encoder directory (use :func:`apr_numba.load_encoder`; ``load`` always returns a decoder).
         PullError: a registry model could not be fetched.
     """
     if isinstance(model, Model):
@@ -348,10 +334,9 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
     nthreads = _config.set_threads(threads)
     t0 = time.perf_counter()
     path = resolve_model(model)
-    if path.is_dir():  # a HF safetensors directory: the BERT-family encoder
-        from apr_numba.encoder.model import load_encoder
-
-        return load_encoder(path, threads=threads)
+    if path.is_dir():  # a HF safetensors directory: a BERT-family encoder, which has its own entry point
+        raise ModelFormatError(f"{path}: this is an encoder model (a safetensors directory), not a decoder; use "
+                               f"`apr-numba embed` or apr_numba.load_encoder() / apr_numba.embed()")
     src = _open_source(path)
     t1 = time.perf_counter()
     emb = src.tensors.get("token_embd.weight")

@@ -71,3 +71,8 @@ def check_tensors(spec: ArchSpec, src, types: frozenset = SUPPORTED_TYPES) -> No
             known = ", ".join(sorted(_type_name(x) for x in types if x < 128))
             raise ModelFormatError(f"{src.path}: tensor {ts.name} has type {_type_name(int(t.ggml_type))}, "
                                    f"which this engine does not decode (supported: {known})")
+
+
+def rope_freqs(spec: ArchSpec, src) -> np.ndarray | None:
+    """The file's RoPE frequency divisors float32 (head_dim/2,) (``rope_freqs.weight``), or None without."""
+    return vector(src, spec.model_tensors()["rope_freqs.weight"]) if spec.rope_freqs else None

@@ -3,7 +3,7 @@
 One prefill pass of the prompt (positions 0..T-1, a fresh KV cache) is run on a backend and the
 requested stages of the requested layers are captured::
 
-    tr = apr_numba.debug.trace("smollm2-135m", "The capital of France is", stages="all")
+    tr = apr_numba.debug.tracing("smollm2-135m", "The capital of France is", stages="all")
     tr.get("attn_softmax", layer=3)          # float32 (n_head, T, T)
     tr.save("trace-cpu")                     # trace-cpu/layer-3/attn_softmax.bin (APRT), ...
 
@@ -402,7 +402,7 @@ def reference_model(model):
     if key not in _REFERENCE_MODELS:
         while len(_REFERENCE_MODELS) >= 2:
             _REFERENCE_MODELS.pop(next(iter(_REFERENCE_MODELS)))
-        _REFERENCE_MODELS[key] = ReferenceModel.from_source(model.source, model.config)
+        _REFERENCE_MODELS[key] = ReferenceModel.from_source(model.source, model.spec)
     return _REFERENCE_MODELS[key]
 
 
@@ -470,7 +470,7 @@ def _opencl_backend_for(model, plan=None):
     if plan is not None and plan.matrices:
         from apr_numba.debug.faults import faulty_source
 
-        return OpenCLBackend(faulty_source(model.source, plan), config=model.config, n_ctx=model.n_ctx)
+        return OpenCLBackend(faulty_source(model.source, plan), spec=model.spec, n_ctx=model.n_ctx)
     be = getattr(model, "_opencl", None) or getattr(model, "_trace_opencl", None)
     if be is None:
         be = model._trace_opencl = OpenCLBackend(model)
