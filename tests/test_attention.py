@@ -11,8 +11,9 @@ from apr_numba.kernels.attention import attention, attention_blas
 N_HEAD, N_KV, HD = 6, 2, 16
 
 
-def naive(qkv, K, V, pos0, scale=True, causal=True, gqa_shift=0):
-    """Float64 oracle: softmax(q k^T / sqrt(hd), causal) v per query head (HF eager_attention_forward)."""
+def naive(qkv, K, V, pos0, scale=True, causal=True, gqa_shift=0, window=0):
+    """Float64 oracle: softmax(q k^T / sqrt(hd), causal) v per query head (HF eager_attention_forward); with a
+    sliding window, query position q sees keys k with q - window < k <= q (HF ``sliding_window``)."""
     T = qkv.shape[0]
     nk = pos0 + T
     out = np.zeros((T, N_HEAD * HD))
@@ -24,7 +25,8 @@ def naive(qkv, K, V, pos0, scale=True, causal=True, gqa_shift=0):
         v = V[:nk, kv * HD:(kv + 1) * HD].astype(np.float64)
         s = q @ k.T / (np.sqrt(HD) if scale else 1.0)
         if causal:
-            s = np.where(np.arange(nk)[None, :] <= pos0 + np.arange(T)[:, None], s, -np.inf)
+            qp, kp = pos0 + np.arange(T)[:, None], np.arange(nk)[None, :]
+            s = np.where((kp <= qp) & ((window == 0) | (qp - kp < window)), s, -np.inf)
         p = np.exp(s - s.max(1, keepdims=True))
         out[:, h * HD:(h + 1) * HD] = (p / p.sum(1, keepdims=True)) @ v
     return out
@@ -47,7 +49,7 @@ def test_attention_matches_oracle(kernel, fault, pos0):
     out = np.empty((T, N_HEAD * HD), np.float32)
     sc = np.zeros((N_HEAD, T, pos0 + T), np.float32)
     pc = np.zeros_like(sc)
-    kernel(out, qkv, kc, vc, 0, pos0, N_HEAD, N_HEAD // N_KV, HD, flags, sc, pc)
+    kernel(out, qkv, kc, vc, 0, pos0, N_HEAD, N_HEAD // N_KV, HD, 0, flags, sc, pc)
     ref = naive(qkv, kc[0], vc[0], pos0, scale=fault != "attn-scale", causal=fault != "causal-mask-off",
                 gqa_shift=1 if fault == "gqa-map" else 0)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
@@ -57,3 +59,23 @@ def test_attention_matches_oracle(kernel, fault, pos0):
         t, p = np.nonzero(np.ones((T, pos0 + T)))
         above = p > pos0 + t
         assert np.all(pc[:, t[above], p[above]] == 0)
+
+
+@pytest.mark.parametrize("pos0, window", [(0, 4), (5, 4), (5, 1), (0, 64)])
+@pytest.mark.parametrize("kernel", [attention, attention_blas], ids=["per-head", "blas"])
+def test_sliding_window_attention_matches_oracle(kernel, pos0, window):
+    rng = np.random.default_rng(7 + pos0)
+    T = 12
+    qkv = rng.standard_normal((T, (N_HEAD + 2 * N_KV) * HD)).astype(np.float32)
+    kc = np.zeros((1, 32, N_KV * HD), np.float32)
+    vc = np.zeros_like(kc)
+    kc[0, :pos0 + T] = rng.standard_normal((pos0 + T, N_KV * HD))
+    vc[0, :pos0 + T] = rng.standard_normal((pos0 + T, N_KV * HD))
+    out = np.empty((T, N_HEAD * HD), np.float32)
+    sc = np.zeros((N_HEAD, T, pos0 + T), np.float32)
+    pc = np.zeros_like(sc)
+    kernel(out, qkv, kc, vc, 0, pos0, N_HEAD, N_HEAD // N_KV, HD, window, np.zeros(N_FAULTS, np.int64), sc, pc)
+    np.testing.assert_allclose(out, naive(qkv, kc[0], vc[0], pos0, window=window), rtol=1e-4, atol=1e-5)
+    t, p = np.nonzero(np.ones((T, pos0 + T)))
+    outside = (p > pos0 + t) | (pos0 + t - p >= window)
+    assert np.all(pc[:, t[outside], p[outside]] == 0) and np.allclose(pc.sum(-1), 1.0, rtol=1e-5)

@@ -127,7 +127,8 @@ class ArchSpec:
               "post_ffn_norm": self.post_ffn_norm, "gelu_tanh": self.activation == ACT_GELU_TANH,
               "embed_scale": self.embed_scale != 1.0, "final_softcap": self.final_softcap > 0,
               "attn_softcap": self.attn_softcap > 0, "sliding_window": any(self.layer_window),
-              "rope_freqs": self.rope_freqs, "moe": self.n_expert > 0}
+              "rope_freqs": self.rope_freqs, "moe": self.n_expert > 0,
+              "attn_scale": abs(self.attn_scale * math.sqrt(self.hp.head_dim) - 1.0) > 1e-12}
         return frozenset(k for k, v in on.items() if v)
 
     def require(self, backend: str, implemented: frozenset, source: str = "") -> None:
@@ -248,7 +249,7 @@ class ArchSpec:
             # llama.cpp llama-model.cpp LLM_ARCH_GEMMA3: swa pattern 6 (every 6th layer is global), local
             # layers use rope_freq_base_train_swa = 10000; HF Gemma3TextConfig.layer_types / rope_local_base_freq.
             sw = int(num("attention.sliding_window", 0))
-            local_base = 10000.0
+            local_base = num("rope.freq_base_swa", 10000.0)
             for il in range(L):
                 if sw and (il + 1) % 6 != 0:
                     window[il], bases[il] = sw, local_base

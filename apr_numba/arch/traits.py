@@ -19,7 +19,7 @@ ACTIVATIONS = {"silu": ACT_SILU, "gelu_tanh": ACT_GELU_TANH}
 
 # Features a block can have; each backend states which it implements (``ArchSpec.require``).
 FEATURES = ("qkv_bias", "qk_norm", "post_attn_norm", "post_ffn_norm", "gelu_tanh", "embed_scale",
-            "final_softcap", "attn_softcap", "sliding_window", "rope_freqs", "moe")
+            "final_softcap", "attn_softcap", "sliding_window", "rope_freqs", "moe", "attn_scale")
 
 
 @dataclass(frozen=True)

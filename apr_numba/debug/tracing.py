@@ -54,6 +54,8 @@ from apr_numba.arch.stages import (
     STAGE_ID,
     STAGES,
     WHOLE_MODEL_STAGES,
+    SaveTensorStage,  # noqa: F401 (defined in arch, part of tracing's API)
+    stage_doc,  # noqa: F401
 )
 from apr_numba.errors import ArgumentError, ModelFormatError
 

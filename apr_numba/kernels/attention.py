@@ -29,12 +29,15 @@ def store_kv(k_cache, v_cache, layer, pos0, qkv, q_dim, kv_dim):
             v_cache[layer, pos0 + t, i] = qkv[t, q_dim + kv_dim + i]
 
 
-def _attention(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, faults, scores_cap, probs_cap):
+def _attention(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, window, faults, scores_cap,
+               probs_cap):
     """out (T, n_head*head_dim) <- causal GQA attention of the Q part of qkv (T, *) at pos0..pos0+T-1.
 
     Keys/values for positions < pos0 + T must already be in the cache. Parallel over (t, head).
 
     Args:
+        window: sliding attention window in positions (0 = full causal attention): query at position q sees
+            keys k with q - window < k <= q (llama.cpp LLAMA_SWA_TYPE_STANDARD, HF ``sliding_window``).
         faults: int64 (N_FAULTS,) teaching-fault flags of this layer (apr_numba.arch.stages): F_ATTN_SCALE
             drops 1/sqrt(head_dim); F_CAUSAL_MASK_OFF lets every query see all pos0+T keys; F_GQA_MAP maps
             head h to KV head (h // n_rep + 1) % n_kv; F_SOFTMAX_NO_MAX skips the max subtraction and
@@ -56,9 +59,12 @@ def _attention(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim,
         kvo = kvh * head_dim
         qo = h * head_dim
         n = pos0 + T if faults[F_CAUSAL_MASK_OFF] else pos0 + t + 1
+        lo = 0
+        if window > 0 and not faults[F_CAUSAL_MASK_OFF]:
+            lo = max(0, pos0 + t - window + 1)
         scores = np.empty(n, np.float32)
         mx = np.float32(-np.inf)
-        for p in range(n):
+        for p in range(lo, n):
             acc = np.float32(0.0)
             for d in range(head_dim):
                 acc += qkv[t, qo + d] * k_cache[layer, p, kvo + d]
@@ -67,12 +73,12 @@ def _attention(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim,
             if acc > mx:
                 mx = acc
         if capture:
-            for p in range(n):
+            for p in range(lo, n):
                 scores_cap[h, t, p] = scores[p]
         if faults[F_SOFTMAX_NO_MAX]:
             mx = np.float32(0.0)
         tot = np.float32(0.0)
-        for p in range(n):
+        for p in range(lo, n):
             e = np.exp(scores[p] - mx)
             if faults[F_SOFTMAX_NO_MAX] and e > _F16_MAX:
                 e = np.float32(np.inf)
@@ -81,7 +87,7 @@ def _attention(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim,
         inv = np.float32(1.0) / tot
         for d in range(head_dim):
             out[t, qo + d] = 0.0
-        for p in range(n):
+        for p in range(lo, n):
             w = scores[p] * inv
             if capture:
                 probs_cap[h, t, p] = w
@@ -98,49 +104,55 @@ MIN_PARALLEL_ATTN = 400_000
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True)
-def attention(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, faults, scores_cap, probs_cap):
+def attention(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, window, faults, scores_cap,
+              probs_cap):
     """Causal GQA attention (see :func:`_attention`); small problems skip the parallel region."""
     if qkv.shape[0] * n_head * (pos0 + qkv.shape[0]) * head_dim * 2 < MIN_PARALLEL_ATTN:
-        _attention_serial(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, faults, scores_cap,
-                          probs_cap)
+        _attention_serial(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, window, faults,
+                          scores_cap, probs_cap)
     else:
-        _attention_parallel(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, faults, scores_cap,
-                            probs_cap)
+        _attention_parallel(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, window, faults,
+                            scores_cap, probs_cap)
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True, boundscheck=False)
-def _mask_softmax_rows(S, T, pos0, causal, no_max):
+def _mask_softmax_rows(S, T, pos0, causal, no_max, window):
     """In place: rows of S (n_rep*T, nk) become softmax probabilities; row r is query t = r % T at pos0 + t.
 
-    Masked keys (p > pos0 + t when causal) get probability 0. ``no_max``: the F_SOFTMAX_NO_MAX fault.
+    Masked keys (p > pos0 + t when causal; p <= pos0 + t - window with a sliding window) get probability 0.
+    ``no_max``: the F_SOFTMAX_NO_MAX fault.
     """
     nk = S.shape[1]
     for r_u in prange(S.shape[0]):
         r = np.int64(r_u)
         t = r % T
         n = pos0 + t + 1 if causal else nk
+        lo = max(0, pos0 + t - window + 1) if causal and window > 0 else 0
         mx = np.float32(0.0)
         if not no_max:
             mx = np.float32(-np.inf)
-            for p in range(n):
+            for p in range(lo, n):
                 if S[r, p] > mx:
                     mx = S[r, p]
         tot = np.float32(0.0)
-        for p in range(n):
+        for p in range(lo, n):
             e = np.exp(S[r, p] - mx)
             if no_max and e > _F16_MAX:
                 e = np.float32(np.inf)
             S[r, p] = e
             tot += e
         inv = np.float32(1.0) / tot
-        for p in range(n):
+        for p in range(lo, n):
             S[r, p] *= inv
+        for p in range(lo):
+            S[r, p] = 0.0
         for p in range(n, nk):
             S[r, p] = 0.0
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True)
-def attention_blas(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, faults, scores_cap, probs_cap):
+def attention_blas(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim, window, faults, scores_cap,
+                   probs_cap):
     """Same result and arguments as :func:`attention`, computed per KV head with two BLAS sgemms.
 
     For prefill: the n_rep query heads sharing a KV head are stacked, S = Q K^T / sqrt(head_dim)
@@ -165,9 +177,10 @@ def attention_blas(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_
             for i in range(n_rep):
                 for t in range(T):
                     n = pos0 + t + 1 if causal else nk
-                    for p in range(n):
+                    lo = max(0, pos0 + t - window + 1) if causal and window > 0 else 0
+                    for p in range(lo, n):
                         scores_cap[kv * n_rep + i, t, p] = S[i * T + t, p]
-        _mask_softmax_rows(S, T, pos0, causal, faults[F_SOFTMAX_NO_MAX] != 0)
+        _mask_softmax_rows(S, T, pos0, causal, faults[F_SOFTMAX_NO_MAX] != 0, window)
         if capture:
             for i in range(n_rep):
                 probs_cap[kv * n_rep + i] = S[i * T:(i + 1) * T]

@@ -109,6 +109,7 @@ class Model:
         self.rope_cos, self.rope_sin, self.rope_layer = spec_rope_tables(spec, self.n_ctx, freqs)
         self.state = self.new_state()
         self._cfg, self._fp = cfg_tuple(spec), fp_tuple(spec)
+        self.layer_window = np.asarray(spec.layer_window, np.int64)
         self.no_capture = np.zeros((0, 0, 0), np.float32)  # 'no layer capture' for forward_into
         self.no_debug = self.debug_args()
         del c
@@ -271,7 +272,7 @@ class Model:
         from apr_numba.backends.cpu_forward import forward
 
         forward(toks, np.int64(state.n_past), self._cfg, self._fp, self.weights.kernel_args(mats),
-                (self.rope_cos, self.rope_sin, self.rope_layer), state.k, state.v, logits, cap,
+                (self.rope_cos, self.rope_sin, self.rope_layer, self.layer_window), state.k, state.v, logits, cap,
                 self.no_debug if dbg is None else dbg)
 
     def logits(self, ids) -> np.ndarray:

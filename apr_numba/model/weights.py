@@ -71,13 +71,14 @@ class ModelWeights:
     post_attn_norm: np.ndarray | None = None
     post_ffn_norm: np.ndarray | None = None
     spec: ArchSpec | None = None
+    experts: Any = None
 
     def kernel_args(self, mats=None) -> tuple:
         """The compiled forward's weights tuple ``w`` (see :func:`apr_numba.backends.cpu_forward.forward`);
         ``mats`` replaces the packed matrices (the q4k-scale teaching fault)."""
         return (self.mats if mats is None else mats, self.embd_raw, np.int64(self.embd_type), self.attn_norm,
                 self.ffn_norm, self.bias_qkv, self.output_norm, self.q_norm, self.k_norm, self.post_attn_norm,
-                self.post_ffn_norm)
+                self.post_ffn_norm, self.mats if self.experts is None else self.experts)
 
 
 def _matrix(src, ts) -> PackedMatrix:
@@ -126,6 +127,30 @@ def _pack_all(src, jobs: list, progress: bool) -> list[PackedMatrix]:
     return out  # type: ignore[return-value]
 
 
+def _pack_experts(src, spec: ArchSpec):
+    """Typed List of every expert's (gate, up, down) packed matrices, index 3 * (layer * n_expert + e) + j.
+
+    An expert stack ``blk.N.ffn_{gate,up,down}_exps.weight`` (n_expert, rows, cols) stores expert e's rows
+    contiguously (GGUF ne [cols, rows, n_expert]), so each expert packs on its own like a 2-D matrix.
+    """
+    out = typed.List()
+    E = spec.n_expert
+    for layer in range(spec.hp.n_layer):
+        b = spec.block_tensors(layer)
+        stacks = []
+        for s in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            ts = b[s + ".weight"]
+            t = plan.tensor(src, ts)
+            stacks.append((t, np.asarray(src.data(ts.name)).reshape(E, -1), ts.shape[1:]))
+        for e in range(E):
+            for t, raw, shape in stacks:
+                out.append(packed_tuple(_pack_tensor(src, t.name, t, raw[e], shape)))
+        for s in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            if hasattr(src, "release_tensor"):
+                src.release_tensor(b[s + ".weight"].name)
+    return out
+
+
 def _stack(src, spec: ArchSpec, suffix: str, width: int, on: bool) -> np.ndarray:
     """float32 (n_layer, width) of one per-layer vector, or (n_layer, 0) when the feature is off."""
     L = spec.hp.n_layer
@@ -158,9 +183,16 @@ def load_weights(src, spec: ArchSpec, progress: bool = False) -> ModelWeights:
     emb = plan.tensor(src, mt["token_embd.weight"])
     if emb.ggml_type not in EMBED_TYPES:
         raise ModelFormatError(f"{src.path}: token_embd.weight has unsupported type {emb.ggml_type}")
-    jobs = [spec.block_tensors(layer)[slot + ".weight"] for layer in range(L) for slot in LAYER_MATS]
+    def slot_tensor(layer: int, slot: str):
+        b = spec.block_tensors(layer)
+        if spec.n_expert and slot in ("ffn_gate", "ffn_up", "ffn_down"):
+            return b["ffn_gate_inp.weight"]  # a MoE layer: slot 4 is the router, 5 and 6 repeat it (never read)
+        return b[slot + ".weight"]
+
+    jobs = [slot_tensor(layer, slot) for layer in range(L) for slot in LAYER_MATS]
     jobs.append(mt["token_embd.weight"] if spec.tied_head else mt["output.weight"])
     packed = _pack_all(src, jobs, progress)
+    experts = _pack_experts(src, spec) if spec.n_expert else None
     output_norm = plan.vector(src, mt["output_norm.weight"])
     embd_raw = np.asarray(src.data("token_embd.weight")).reshape(cfg.n_vocab, -1)
 
@@ -173,4 +205,5 @@ def load_weights(src, spec: ArchSpec, progress: bool = False) -> ModelWeights:
                         q_norm=_stack(src, spec, Q_NORM, cfg.head_dim, spec.qk_norm),
                         k_norm=_stack(src, spec, K_NORM, cfg.head_dim, spec.qk_norm),
                         post_attn_norm=_stack(src, spec, POST_ATTN_NORM, D, spec.post_attn_norm),
-                        post_ffn_norm=_stack(src, spec, POST_FFN_NORM, D, spec.post_ffn_norm), spec=spec)
+                        post_ffn_norm=_stack(src, spec, POST_FFN_NORM, D, spec.post_ffn_norm), spec=spec,
+                        experts=experts)
