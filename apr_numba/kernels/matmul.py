@@ -415,19 +415,27 @@ def matmul_blas3(out, X, w0, w1, w2, n_mats):
         r0 = g0 * L
         r1 = min(rows, r0 + ng * L)
         Y = np.dot(X, W[:r1 - r0].T)
-        out[:, base + r0:base + r1] = Y
+        # an explicit copy: a slice assignment compiles Numba's broadcast-error formatting (~14 s of compile)
+        for t in range(Y.shape[0]):
+            for r in range(r1 - r0):
+                out[t, base + r0 + r] = Y[t, r]
 
 
 @njit(fastmath=FASTMATH, nogil=True, cache=True)
 def matmul_auto(out, X, w0, w1, w2, n_mats):
-    """:func:`matmul3` for decode and short prompts; BLAS sgemm on dequantized chunks when T >= BLAS_MIN_T."""
+    """:func:`matmul3` for decode and short prompts; BLAS sgemm on dequantized chunks when T >= BLAS_MIN_T.
+
+    ``n_mats`` is passed on as int64: a literal 1, 2 or 3 at a call site would otherwise make Numba compile
+    every kernel below once per literal value (measured: three copies of matmul3, ~30 % of a cold start).
+    """
+    n = np.int64(n_mats)
     if X.shape[0] < BLAS_MIN_T:
         if out.shape[0] * out.shape[1] * X.shape[1] < MIN_PARALLEL_MACS:
-            matmul3_serial(out, X, w0, w1, w2, n_mats)
+            matmul3_serial(out, X, w0, w1, w2, n)
         else:
-            matmul3(out, X, w0, w1, w2, n_mats)
+            matmul3(out, X, w0, w1, w2, n)
         return
-    matmul_blas3(out, X, w0, w1, w2, n_mats)
+    matmul_blas3(out, X, w0, w1, w2, n)
 
 
 @njit(fastmath=FASTMATH, nogil=True, cache=True)
