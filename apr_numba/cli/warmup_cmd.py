@@ -101,7 +101,7 @@ class _Progress:
 
     def _start(self, dispatcher) -> None:
         self.n += 1
-        self.stack.append(dispatcher.py_func.__qualname__)
+        self.stack.append(dispatcher.py_func.__qualname__.rsplit(".", 1)[-1])
         self._update()
 
     def _end(self) -> None:
@@ -114,9 +114,9 @@ class _Progress:
             return
         if self.task is None:
             self.bar.start()
-            self.task = self.bar.add_task("", total=self.expected or None)
+            self.task = self.bar.add_task("", total=max(self.expected, self.n))
         where = " > ".join(self.stack[-2:]) if self.stack else "linking"
-        self.bar.update(self.task, completed=self.n, total=max(self.expected, self.n), description=where)
+        self.bar.update(self.task, completed=self.n, total=max(self.expected, self.n), description=where, refresh=True)
 
 
 @contextlib.contextmanager
@@ -128,7 +128,8 @@ def compile_progress(enabled: bool | None = None, stream=None, key: str = "forwa
 
     Args:
         enabled: force on/off; None: on when ``stream`` is a TTY.
-        key: name under which the number of compiles is recorded for the next cold start's "of N".
+        key: name under which the number of compiles is recorded for the next cold start's "of N"; for
+            "forward" with nothing recorded, N is the static :func:`reachable_kernels` count.
         label: prefix of the status line.
 
     Yields the listener state (``.n`` compiles seen), also when nothing is drawn.
@@ -138,7 +139,7 @@ def compile_progress(enabled: bool | None = None, stream=None, key: str = "forwa
     stream = sys.stderr if stream is None else stream
     show = stream.isatty() if enabled is None else enabled
     expected = _expected_count(key)
-    if not expected:
+    if not expected and key == "forward":
         try:
             expected = len(reachable_kernels())
         except Exception:  # noqa: BLE001 - an estimate only
@@ -146,10 +147,11 @@ def compile_progress(enabled: bool | None = None, stream=None, key: str = "forwa
     prog = _Progress(expected)
     if show:
         from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        prog.bar = Progress(TextColumn(f"[apr-numba] {label}: compiling kernel"), MofNCompleteColumn(), BarColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.description}"),
+        prog.bar = Progress(TextColumn(escape(f"[apr-numba] {label}: compiling kernel")), MofNCompleteColumn(),
+                            BarColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
                             console=Console(file=stream, force_terminal=enabled or None), auto_refresh=True)
     event.register("numba:compile", prog.listener)
     try:
