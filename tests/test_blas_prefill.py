@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from gguf import quants
 
-from apr_numba import quants
 from apr_numba.kernels.matmul import BLAS_CHUNK_GROUPS, BLAS_MIN_T, matmul_auto, packed_tuple
 from apr_numba.quants.layouts import decode_codes
 from apr_numba.quants.repack import pack
