@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# warmup compiles the Numba kernels into the cache (progress on a terminal; seconds when already warm).
 install: $(STAMP)
 	$(VENV)/bin/apr-numba pull $(MODEL)
+	$(VENV)/bin/apr-numba warmup $(MODEL)
 
 # On a terminal `make run` ends in the live dashboard (apr-tui: Enter generates, q quits); without one
 # (CI, a pipe) it prints one generation and exits, so it never waits for keys.

@@ -24,6 +24,7 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 PARALLEL = True
 
 _TBB_LOADED: bool | None = None
+_BLAS_LIMITED: int | None = None
 
 
 def configure_cache_dir() -> str | None:
@@ -77,8 +78,11 @@ def _preload_tbb() -> bool:
 
 
 def configure_threading() -> str:
-    """Pick Numba's threading layer (before any parallel kernel runs). Returns the requested layer."""
+    """Pick Numba's threading layer (before any parallel kernel runs) and hold BLAS to one thread
+    (:func:`limit_blas_threads`). Returns the requested layer."""
     import numba
+
+    limit_blas_threads()
 
     forced = os.environ.get("APR_NUMBA_THREADING", "").strip().lower()
     if forced:
@@ -92,6 +96,29 @@ def configure_threading() -> str:
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
     numba.config.THREADING_LAYER = "default"
     return "default"
+
+
+def limit_blas_threads(n: int | None = None) -> int:
+    """Hold every OpenBLAS pool of the process to ``n`` threads (default ``$APR_NUMBA_BLAS_THREADS``, else 1).
+
+    Prefill at T >= ``kernels.matmul.BLAS_MIN_T`` calls sgemm from inside Numba's parallel tasks, so Numba's
+    threads already use every core; an OpenBLAS pool of its own would oversubscribe them (issue 14: 6.6 vs
+    92 tok/s for a 37-token prompt on a busy machine). Numba's ``np.dot`` calls scipy's OpenBLAS (through
+    ``scipy.linalg.cython_blas``), NumPy has its own: both are limited. scipy's library is usually loaded
+    later (on the first sgemm), so ``OPENBLAS_NUM_THREADS`` is set for it, and the pools already loaded are
+    limited with threadpoolctl. Idempotent; returns the limit.
+    """
+    global _BLAS_LIMITED
+    if n is None:
+        n = int(os.environ.get("APR_NUMBA_BLAS_THREADS", "1") or 1)
+    if _BLAS_LIMITED == n:
+        return n
+    os.environ["OPENBLAS_NUM_THREADS"] = str(n)  # read by an OpenBLAS loaded from now on (scipy's)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(n, user_api="blas")  # the pools already loaded (NumPy's); persists for the process
+    _BLAS_LIMITED = n
+    return n
 
 
 def threading_layer() -> str:

@@ -70,8 +70,11 @@ def _cmd_run(a) -> int:
     check_max_tokens(a.max_tokens)
     params = SamplingParams(a.temperature, a.top_k, a.top_p, a.repeat_penalty, seed=a.seed)
     params.validate()
-    model = load(a.model, threads=a.threads, n_ctx=a.n_ctx, progress=sys.stderr.isatty(), backend=a.backend,
-                 device=a.device, no_gpu=a.no_gpu)
+    from apr_numba.cli.warmup_cmd import compile_progress
+
+    with compile_progress():  # a cold cache: "compiling kernel n of N" on a terminal
+        model = load(a.model, threads=a.threads, n_ctx=a.n_ctx, progress=sys.stderr.isatty(), backend=a.backend,
+                     device=a.device, no_gpu=a.no_gpu)
     ids = prompt_ids(model, prompt, a.chat)
     res = GenerationResult()
     for ev in generate_events(model, ids, params, a.max_tokens, a.stop, res):
@@ -186,6 +189,18 @@ def _cmd_embed(a) -> int:
     return run(a)
 
 
+def _add_warmup(sub) -> None:
+    from apr_numba.cli.warmup_cmd import add_parser
+
+    add_parser(sub)
+
+
+def _cmd_warmup(a) -> int:
+    from apr_numba.cli.warmup_cmd import run
+
+    return run(a)
+
+
 def _add_gates(sub) -> None:
     from apr_numba.gates.cli import add_parser
 
@@ -201,7 +216,8 @@ def _cmd_gates(a) -> int:
 COMMANDS = {"run": (_add_run, _cmd_run), "inspect": (_add_inspect, _cmd_inspect), "pull": (_add_pull, _cmd_pull),
             "bench": (_add_bench, _cmd_bench), "embed": (_add_embed, _cmd_embed),
             "import": (add_import, cmd_import), "trace": (add_trace, cmd_trace), "diff": (add_diff, cmd_diff),
-            "bisect": (add_bisect, cmd_bisect), "gates": (_add_gates, _cmd_gates)}
+            "bisect": (add_bisect, cmd_bisect), "gates": (_add_gates, _cmd_gates),
+            "warmup": (_add_warmup, _cmd_warmup)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -316,11 +316,14 @@ MIN_PARALLEL_MACS = 600_000
 # Prefill of at least this many tokens goes through BLAS sgemm on dequantized row chunks (ggml-blas does the
 # same for large batches): measured 80-100 GMAC/s on 2 cores vs ~20-30 for the interleaved kernel.
 BLAS_MIN_T = 16
-BLAS_CHUNK_ROWS = 8192  # rows dequantized at a time: 8192 x cols float32 of scratch (29 MB at cols 896)
+# Row groups (of LANES rows) per sgemm task. Each task of one parallel region dequantizes its chunk and calls
+# single-threaded sgemm, so Numba's threads (TBB work stealing) are the only pool that runs: OpenBLAS is held
+# to one thread by apr_numba.runtime.limit_blas_threads (issue 14: its own threads competing with TBB's made
+# a 16-token prompt 9x slower than a 15-token one on a busy machine). Scratch per task: 256 x cols float32.
+BLAS_CHUNK_GROUPS = 4
 
 
-@njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)
-def dequant_rows(out, w, g0):
+def _dequant_rows(out, w, g0):
     """out (n_groups*LANES, cols) float32 <- rows of row groups g0.. of packed matrix w (exact: s*code - m)."""
     fam, rows, q, s, m = w
     L = s.shape[2]
@@ -368,41 +371,71 @@ def dequant_rows(out, w, g0):
                     out[r, c] = s[g, c, lane]
 
 
-@njit(fastmath=FASTMATH, nogil=True, cache=True)
-def _matmul_blas(out, X, w, base):
-    """out[:, base:base+rows] <- X @ W.T via sgemm on dequantized chunks of BLAS_CHUNK_ROWS rows."""
-    rows = w[1]
-    L = w[3].shape[2]
-    G = w[3].shape[0]
+dequant_rows = njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)(_dequant_rows)
+# The serial copy runs inside the tasks of matmul_blas3 (no nested parallel region).
+_dequant_rows_serial = njit(fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)(
+    clone_function(_dequant_rows, "_dequant_rows_serial"))
+
+
+@njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True)
+def matmul_blas3(out, X, w0, w1, w2, n_mats):
+    """out (T, R0 [+ R1 [+ R2]]) <- X (T, cols) @ [W0; W1; W2].T through sgemm (same contract as matmul3).
+
+    One parallel region over chunks of BLAS_CHUNK_GROUPS row groups of all ``n_mats`` matrices together;
+    each task dequantizes its chunk exactly (float32 ``s*code - m``) and multiplies it with one sgemm call
+    (scipy's OpenBLAS through Numba's ``np.dot``), so the error is float32 sgemm accumulation only.
+    """
+    C = BLAS_CHUNK_GROUPS
+    L = w0[3].shape[2]
     cols = X.shape[1]
-    per = BLAS_CHUNK_ROWS // L
-    scratch = np.empty((min(G, per) * L, cols), np.float32)
-    g0 = 0
-    while g0 < G:
-        ng = min(per, G - g0)
-        W = scratch[:ng * L]
-        dequant_rows(W, w, g0)
+    n0 = (w0[3].shape[0] + C - 1) // C
+    n1 = (w1[3].shape[0] + C - 1) // C if n_mats > 1 else 0
+    n2 = (w2[3].shape[0] + C - 1) // C if n_mats > 2 else 0
+    R0 = w0[1]
+    R1 = w1[1] if n_mats > 1 else 0
+    for task_u in prange(n0 + n1 + n2):
+        task = np.int64(task_u)
+        if task < n0:
+            w = w0
+            c = task
+            base = 0
+        elif task < n0 + n1:
+            w = w1
+            c = task - n0
+            base = R0
+        else:
+            w = w2
+            c = task - n0 - n1
+            base = R0 + R1
+        rows = w[1]
+        g0 = c * C
+        ng = min(C, w[3].shape[0] - g0)
+        W = np.empty((ng * L, cols), np.float32)
+        _dequant_rows_serial(W, w, g0)
         r0 = g0 * L
         r1 = min(rows, r0 + ng * L)
         Y = np.dot(X, W[:r1 - r0].T)
-        out[:, base + r0:base + r1] = Y
-        g0 += ng
+        # an explicit copy: a slice assignment compiles Numba's broadcast-error formatting (~14 s of compile)
+        for t in range(Y.shape[0]):
+            for r in range(r1 - r0):
+                out[t, base + r0 + r] = Y[t, r]
 
 
 @njit(fastmath=FASTMATH, nogil=True, cache=True)
 def matmul_auto(out, X, w0, w1, w2, n_mats):
-    """:func:`matmul3` for decode and short prompts; BLAS sgemm on dequantized chunks when T >= BLAS_MIN_T."""
+    """:func:`matmul3` for decode and short prompts; BLAS sgemm on dequantized chunks when T >= BLAS_MIN_T.
+
+    ``n_mats`` is passed on as int64: a literal 1, 2 or 3 at a call site would otherwise make Numba compile
+    every kernel below once per literal value (measured: three copies of matmul3, ~30 % of a cold start).
+    """
+    n = np.int64(n_mats)
     if X.shape[0] < BLAS_MIN_T:
         if out.shape[0] * out.shape[1] * X.shape[1] < MIN_PARALLEL_MACS:
-            matmul3_serial(out, X, w0, w1, w2, n_mats)
+            matmul3_serial(out, X, w0, w1, w2, n)
         else:
-            matmul3(out, X, w0, w1, w2, n_mats)
+            matmul3(out, X, w0, w1, w2, n)
         return
-    _matmul_blas(out, X, w0, 0)
-    if n_mats > 1:
-        _matmul_blas(out, X, w1, w0[1])
-    if n_mats > 2:
-        _matmul_blas(out, X, w2, w0[1] + w1[1])
+    matmul_blas3(out, X, w0, w1, w2, n)
 
 
 @njit(fastmath=FASTMATH, nogil=True, cache=True)
