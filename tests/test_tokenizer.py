@@ -26,6 +26,8 @@ MODEL_KEYS = sorted(FIXTURE["models"])
 # with the repo's pre-tokenizer), see make_tokenizer_fixtures.py.
 KNOWN_GGUF_CONVERTER_DIVERGENCES = {"smollm": {"a  12", "Ω≈ç√∫ µ≤≥÷ ½ ∞"}}
 
+PENDING_SPM = {"gemma3"}
+
 _BUILD_SECONDS: dict[str, float] = {}
 _METADATA: dict[str, dict] = {}
 
@@ -55,7 +57,14 @@ def _tokenizer(key: str) -> Tokenizer:
     if key not in _TOKENIZERS:
         meta = _metadata(key)
         t0 = time.perf_counter()
-        tok = Tokenizer.from_metadata(meta, source=FIXTURE["models"][key]["gguf_file"])
+        try:
+            tok = Tokenizer.from_metadata(meta, source=FIXTURE["models"][key]["gguf_file"])
+        except ModelFormatError as exc:
+            # gemma3's SentencePiece vocabulary is recorded ahead of the engine's SPM tokenizer (issue 13):
+            # until that lands these cases are expected failures; once it builds, they run in full.
+            if key in PENDING_SPM and "unsupported tokenizer.ggml.model" in str(exc):
+                pytest.xfail(f"{key}: {exc}")
+            raise
         _BUILD_SECONDS[key] = time.perf_counter() - t0
         _TOKENIZERS[key] = tok
     return _TOKENIZERS[key]
