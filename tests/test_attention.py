@@ -32,17 +32,23 @@ def naive(qkv, K, V, pos0, scale=True, causal=True, gqa_shift=0, window=0):
     return out
 
 
+def _inputs(seed: int, T: int, pos0: int, n_ctx: int):
+    """Random qkv (T, q + 2 kv) and a one-layer KV cache filled at positions 0..pos0+T-1."""
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((T, (N_HEAD + 2 * N_KV) * HD)).astype(np.float32)
+    kc = np.zeros((1, n_ctx, N_KV * HD), np.float32)
+    vc = np.zeros_like(kc)
+    kc[0, :pos0 + T] = rng.standard_normal((pos0 + T, N_KV * HD))
+    vc[0, :pos0 + T] = rng.standard_normal((pos0 + T, N_KV * HD))
+    return qkv, kc, vc
+
+
 @pytest.mark.parametrize("pos0", [0, 5])
 @pytest.mark.parametrize("fault", [None, "attn-scale", "causal-mask-off", "gqa-map"])
 @pytest.mark.parametrize("kernel", [attention, attention_blas], ids=["per-head", "blas"])
 def test_attention_matches_oracle(kernel, fault, pos0):
-    rng = np.random.default_rng(pos0)
     T = 20
-    qkv = rng.standard_normal((T, (N_HEAD + 2 * N_KV) * HD)).astype(np.float32)
-    kc = np.zeros((1, 64, N_KV * HD), np.float32)
-    vc = np.zeros_like(kc)
-    kc[0, :pos0 + T] = rng.standard_normal((pos0 + T, N_KV * HD))
-    vc[0, :pos0 + T] = rng.standard_normal((pos0 + T, N_KV * HD))
+    qkv, kc, vc = _inputs(pos0, T, pos0, 64)
     flags = np.zeros(N_FAULTS, np.int64)
     if fault:
         flags[FAULT_ID[fault]] = 1
@@ -64,13 +70,8 @@ def test_attention_matches_oracle(kernel, fault, pos0):
 @pytest.mark.parametrize("pos0, window", [(0, 4), (5, 4), (5, 1), (0, 64)])
 @pytest.mark.parametrize("kernel", [attention, attention_blas], ids=["per-head", "blas"])
 def test_sliding_window_attention_matches_oracle(kernel, pos0, window):
-    rng = np.random.default_rng(7 + pos0)
     T = 12
-    qkv = rng.standard_normal((T, (N_HEAD + 2 * N_KV) * HD)).astype(np.float32)
-    kc = np.zeros((1, 32, N_KV * HD), np.float32)
-    vc = np.zeros_like(kc)
-    kc[0, :pos0 + T] = rng.standard_normal((pos0 + T, N_KV * HD))
-    vc[0, :pos0 + T] = rng.standard_normal((pos0 + T, N_KV * HD))
+    qkv, kc, vc = _inputs(7 + pos0, T, pos0, 32)
     out = np.empty((T, N_HEAD * HD), np.float32)
     sc = np.zeros((N_HEAD, T, pos0 + T), np.float32)
     pc = np.zeros_like(sc)

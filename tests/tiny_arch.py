@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter
 
-from tests.tiny_gguf import byte_alphabet
+from tests.tiny_gguf import add_byte_bpe_vocab
 
 D, H, HKV, HD, F, V, L = 64, 4, 2, 32, 96, 300, 3
 E, K, FE = 4, 2, 48  # experts, experts per token, expert FFN width
@@ -42,13 +42,7 @@ def write_arch_gguf(path: Path, arch: str, window: int = 0, seed: int = 0) -> No
         w.add_expert_count(E)
         w.add_expert_used_count(K)
         w.add_expert_feed_forward_length(FE)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    toks = byte_alphabet() + ["ab"]
-    w.add_token_list(toks + [f"<extra_{i}>" for i in range(V - len(toks))])
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_byte_bpe_vocab(w, V, "qwen2")
 
     def mat(*shape, scale=0.08):
         return (scale * rng.standard_normal(shape)).astype(np.float32)

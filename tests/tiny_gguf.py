@@ -21,6 +21,18 @@ def byte_alphabet() -> list[str]:
     return [chr(c) for c in cs]
 
 
+def add_byte_bpe_vocab(w: GGUFWriter, n_vocab: int, pre: str) -> None:
+    """A valid byte-level BPE vocabulary of ``n_vocab`` tokens: the 256 byte symbols, "to" (one merge) and
+    padding tokens; BOS 0, EOS 1; pre-tokenizer ``pre``."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    toks = byte_alphabet() + ["to"]
+    w.add_token_list(toks + [f"<extra_{i}>" for i in range(n_vocab - len(toks))])
+    w.add_token_merges(["t o"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+
 def write_tiny_gguf(path: Path, arch: str = "llama", q_type: GGMLQuantizationType | None = None,
                     extra: dict[str, tuple[int, ...]] | None = None, scale: float = 1.0) -> dict[str, np.ndarray]:
     """Write a one-layer decoder GGUF with a valid tokenizer; F32 tensors, except ``blk.0.attn_q.weight``
@@ -36,13 +48,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", q_type: GGMLQuantizationTyp
     w.add_head_count(H)
     w.add_head_count_kv(H)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    toks = byte_alphabet() + ["to"]
-    w.add_token_list(toks + [f"<extra_{i}>" for i in range(V - len(toks))])
-    w.add_token_merges(["t o"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_byte_bpe_vocab(w, V, "smollm")
     rng = np.random.default_rng(0)
     shapes = {"token_embd.weight": (V, D), "output_norm.weight": (D,), "blk.0.attn_norm.weight": (D,),
               "blk.0.ffn_norm.weight": (D,), "blk.0.attn_q.weight": (D, D), "blk.0.attn_k.weight": (D, D),
