@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,42 @@ class TokenEvent:
     elapsed_s: float
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    """What a finished generation produced and how fast.
+
+    ``n_prefilled`` / ``n_reused``: prompt tokens evaluated / taken from the KV cache (prefix reuse).
+    ``logprobs`` (when asked for): per generated token ``{"token_id", "logprob", "top_logprobs": [(id,
+    logprob), ...]}``. ``stop_reason``: "eos" (end-of-generation token), "stop" (a stop string), "length" (max_tokens),
+    "context" (KV cache full), or "cancelled". Rates are tokens per second of wall time.
+    """
+
+    text: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    stop_reason: str = "length"
+    n_prefilled: int = 0
+    n_reused: int = 0
+    logprobs: list[dict] = field(default_factory=list)
+    threads: int = 0
+    threading_layer: str = ""
+    backend: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_max_tokens(max_tokens) -> None:
+    """Raise ArgumentError unless max_tokens is an integer >= 0."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+        raise ArgumentError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -88,8 +124,6 @@ class SequenceDecoder:
 
     def __init__(self, model, ids: Sequence[int], params: SamplingParams, max_tokens: int, stop=(),
                  state=None, result=None, logprobs: int | None = None, reuse: bool = True):
-        from apr_numba.generation.generate import GenerationResult, check_max_tokens
-
         check_max_tokens(max_tokens)
         params.validate()
         if logprobs is not None and not (0 <= int(logprobs) <= 20):

@@ -8,13 +8,10 @@ the callers (``generate``, the CLI, the dashboard) decide what to show.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Literal, overload
 
-import numpy as np
-
 from apr_numba.errors import ArgumentError
-from apr_numba.generation.decoding import SequenceDecoder, TokenEvent
+from apr_numba.generation.decoding import GenerationResult, SequenceDecoder, TokenEvent, check_max_tokens
 from apr_numba.generation.sampling import SamplingParams, StopChecker
 from apr_numba.model.decoder import Model, load
 
@@ -22,36 +19,6 @@ __all__ = ["GenerationResult", "TokenEvent", "generate", "generate_events", "pro
 
 #: a prompt: text, or an OpenAI-style message list ``[{"role": "user", "content": "..."}, ...]``
 Prompt = str | Sequence[Mapping[str, str]]
-
-
-@dataclass
-class GenerationResult:
-    """What a finished generation produced and how fast.
-
-    ``n_prefilled`` / ``n_reused``: prompt tokens evaluated / taken from the KV cache (prefix reuse).
-    ``logprobs`` (when asked for): per generated token ``{"token_id", "logprob", "top_logprobs": [(id,
-    logprob), ...]}``. ``stop_reason``: "eos" (end-of-generation token), "stop" (a stop string), "length" (max_tokens),
-    "context" (KV cache full), or "cancelled". Rates are tokens per second of wall time.
-    """
-
-    text: str = ""
-    prompt_token_ids: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    prefill_tok_s: float = 0.0
-    decode_tok_s: float = 0.0
-    time_to_first_token_s: float = 0.0
-    stop_reason: str = "length"
-    n_prefilled: int = 0
-    n_reused: int = 0
-    logprobs: list[dict] = field(default_factory=list)
-    threads: int = 0
-    threading_layer: str = ""
-    backend: str = "cpu"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def render_messages(model: Model, messages, system: str | None = None) -> str:
@@ -119,12 +86,6 @@ def _model(model) -> Model:
         _LAST.clear()
         _LAST[key] = load(model)
     return _LAST[key]
-
-
-def check_max_tokens(max_tokens) -> None:
-    """Raise ArgumentError unless max_tokens is an integer >= 0."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
-        raise ArgumentError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
 
 
 def generate_events(model: Model, ids: Sequence[int], params: SamplingParams, max_tokens: int,
