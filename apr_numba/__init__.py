@@ -18,9 +18,11 @@ from apr_numba.debug.tracing import trace
 from apr_numba.encoder.embedding import embed
 from apr_numba.encoder.model import EncoderModel, load_encoder
 from apr_numba.errors import AprError, ArgumentError, ModelFormatError, PullError
+from apr_numba.generation.completions import create_chat_completion, create_completion
 from apr_numba.generation.generate import GenerationResult, generate, run
 from apr_numba.model.decoder import Model, load
 
 __version__ = "0.1.0"
 __all__ = ["load", "generate", "run", "trace", "bisect", "Model", "GenerationResult", "AprError", "ArgumentError",
-           "ModelFormatError", "PullError", "__version__", "embed", "EncoderModel", "load_encoder"]
+           "ModelFormatError", "PullError", "__version__", "embed", "EncoderModel", "load_encoder",
+           "create_chat_completion", "create_completion"]

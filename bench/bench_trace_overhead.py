@@ -105,8 +105,8 @@ def main(argv=None) -> int:
         for _ in range(a.n_gen):
             if variant == "stripped":
                 fwd_stripped(tok, np.int64(state.n_past), m._cfg, m._fp, w.kernel_args(),
-                             (m.rope_cos, m.rope_sin, m.rope_layer, m.layer_window), state.k, state.v, logits, m.no_capture,
-                             m.no_debug)
+                             (m.rope_cos, m.rope_sin, m.rope_layer, m.layer_window), state.k, state.v, logits,
+                             m.no_capture, m.no_debug)
             elif variant == "untraced":
                 m.forward_into(tok, logits, m.no_capture, state)
             else:

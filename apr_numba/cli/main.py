@@ -15,33 +15,91 @@ import traceback
 from apr_numba.cli.apr_cmds import add_import, cmd_import
 from apr_numba.cli.trace_cmds import add_bisect, add_diff, add_trace, cmd_bisect, cmd_diff, cmd_trace
 from apr_numba.errors import AprError
+from apr_numba.hub.registry import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
+HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _add_sampling_args(p) -> None:
+    """Generation and sampling options shared by ``run`` and ``chat``."""
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="most tokens to generate")
+    p.add_argument("--temperature", "--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max; 0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty on recent tokens' logits; 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("-c", "--ctx-size", "--n-ctx", dest="n_ctx", type=int, default=None,
+                   help="KV cache length in positions (default: min(4096, trained))")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="generate text from a prompt")
+    p = sub.add_parser("run", help="generate text from a prompt", formatter_class=HELP,
+                       description="A MODEL argument that is neither a registry name nor an existing file is taken "
+                                   f"as the prompt (the model is then {DEFAULT_MODEL}).")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name, .gguf or .apr path")
-    p.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="prompt (or use -p)")
-    p.add_argument("-p", "--prompt", help="prompt text")
-    p.add_argument("-n", "--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--n-ctx", type=int, default=None, help="KV cache length (default min(4096, trained))")
+    p.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="prompt (or use -p / -f / stdin)")
+    p.add_argument("-p", "--prompt", help="prompt text; '-' reads it from stdin")
+    p.add_argument("-f", "--file", help="read the prompt from this file")
+    _add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--system", default=None, help="system message (implies --chat)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (JSON lines with --json)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
     _add_backend_args(p)
 
 
+def _is_model_spec(spec: str) -> bool:
+    """True when ``spec`` names a registry model or an existing path (else a positional is a prompt)."""
+    from apr_numba.hub.registry import known_models
+
+    return spec in known_models() or os.path.exists(spec)
+
+
+def _stdin_is_piped() -> bool:
+    """stdin is a pipe or a redirected file (not a terminal, not /dev/null)."""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def _read_prompt(a) -> str:
+    """The prompt of ``run``: -f FILE, -p TEXT ('-' = stdin), the positional, or piped stdin.
+
+    Raises:
+        AprError: no prompt, an unreadable file, or several prompt sources.
+    """
+    from apr_numba.errors import ArgumentError
+
+    if a.model != DEFAULT_MODEL and a.prompt_pos is None and not _is_model_spec(a.model) and (
+            a.prompt is None and a.file is None):
+        a.model, a.prompt_pos = DEFAULT_MODEL, a.model  # `apr-numba run "The capital of France is"`
+    given = [x for x in (a.prompt, a.prompt_pos, a.file) if x is not None]
+    if len(given) > 1:
+        raise ArgumentError("give the prompt once: PROMPT, -p/--prompt or -f/--file")
+    if a.file is not None:
+        try:
+            with open(a.file, encoding="utf-8") as fh:
+                return fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ArgumentError(f"{a.file}: cannot read the prompt file: {exc}") from exc
+    prompt = a.prompt if a.prompt is not None else a.prompt_pos
+    if prompt == "-" or (prompt is None and _stdin_is_piped()):
+        prompt = sys.stdin.read() or None
+    if prompt is None:
+        raise ArgumentError("no prompt: pass PROMPT, -p/--prompt, -f/--file or pipe it on stdin")
+    return prompt
+
+
 def _add_backend_args(p) -> None:
     p.add_argument("--backend", choices=("auto", "cpu", "opencl"), default="auto",
-                   help="auto: OpenCL on a GPU that passes the parity gate, else CPU (default)")
+                   help="auto: OpenCL on a GPU that passes the parity gate, else CPU")
     p.add_argument("--no-gpu", "--cpu", dest="no_gpu", action="store_true",
                    help="CPU only: no OpenCL context, no parity gate")
     p.add_argument("--device", type=int, default=None, metavar="N",
@@ -64,21 +122,22 @@ def _cmd_run(a) -> int:
     from apr_numba.generation.sampling import SamplingParams
     from apr_numba.model.decoder import load
 
-    prompt = a.prompt if a.prompt is not None else a.prompt_pos
-    if prompt is None:
-        raise AprError("no prompt: pass PROMPT or -p/--prompt")
+    prompt = _read_prompt(a)
     check_max_tokens(a.max_tokens)
-    params = SamplingParams(a.temperature, a.top_k, a.top_p, a.repeat_penalty, seed=a.seed)
+    params = SamplingParams(a.temperature, a.top_k, a.top_p, a.repeat_penalty, seed=a.seed, min_p=a.min_p)
     params.validate()
     from apr_numba.cli.warmup_cmd import compile_progress
 
     with compile_progress():  # a cold cache: "compiling kernel n of N" on a terminal
         model = load(a.model, threads=a.threads, n_ctx=a.n_ctx, progress=sys.stderr.isatty(), backend=a.backend,
                      device=a.device, no_gpu=a.no_gpu)
-    ids = prompt_ids(model, prompt, a.chat)
+    ids = prompt_ids(model, prompt, a.chat, a.system)
     res = GenerationResult()
     for ev in generate_events(model, ids, params, a.max_tokens, a.stop, res):
-        if a.stream and not a.json and ev.text:
+        if a.stream and a.json and ev.text:
+            print(json.dumps({"token_id": ev.token_id, "text": ev.text, "index": ev.index,
+                              "elapsed_s": round(ev.elapsed_s, 4)}, ensure_ascii=False), flush=True)
+        elif a.stream and ev.text:
             sys.stdout.write(ev.text)
             sys.stdout.flush()
     if a.json:
@@ -88,6 +147,8 @@ def _cmd_run(a) -> int:
                "threads": res.threads, "threading_layer": config.threading_layer(), "backend": res.backend,
                "model": str(model.path), "load_s": round(model.load_stats.total_s, 3)}
         out.update(_backend_report(model))
+        if a.stream:
+            out["done"] = True
         print(json.dumps(out, ensure_ascii=False))
     else:
         if not a.stream:
@@ -201,6 +262,30 @@ def _cmd_warmup(a) -> int:
     return run(a)
 
 
+def _add_serve(sub) -> None:
+    from apr_numba.serve.cli import add_parser
+
+    add_parser(sub)
+
+
+def _cmd_serve(a) -> int:
+    from apr_numba.serve.cli import run
+
+    return run(a)
+
+
+def _add_chat(sub) -> None:
+    from apr_numba.cli.chat_cmd import add_parser
+
+    add_parser(sub, _add_sampling_args)
+
+
+def _cmd_chat(a) -> int:
+    from apr_numba.cli.chat_cmd import run
+
+    return run(a)
+
+
 def _add_gates(sub) -> None:
     from apr_numba.gates.cli import add_parser
 
@@ -216,13 +301,16 @@ def _cmd_gates(a) -> int:
 COMMANDS = {"run": (_add_run, _cmd_run), "inspect": (_add_inspect, _cmd_inspect), "pull": (_add_pull, _cmd_pull),
             "bench": (_add_bench, _cmd_bench), "embed": (_add_embed, _cmd_embed),
             "import": (add_import, cmd_import), "trace": (add_trace, cmd_trace), "diff": (add_diff, cmd_diff),
-            "bisect": (add_bisect, cmd_bisect), "gates": (_add_gates, _cmd_gates),
-            "warmup": (_add_warmup, _cmd_warmup)}
+            "bisect": (add_bisect, cmd_bisect), "gates": (_add_gates, _cmd_gates), "serve": (_add_serve, _cmd_serve),
+            "chat": (_add_chat, _cmd_chat), "warmup": (_add_warmup, _cmd_warmup)}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from apr_numba import __version__
+
     p = argparse.ArgumentParser(prog="apr-numba", description="Numba LLM inference engine")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"apr-numba {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
@@ -235,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [x for x in argv if x not in ("-v", "--verbose")]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose = verbose
     try:
         return COMMANDS[args.cmd][1](args)
     except AprError as exc:

@@ -173,7 +173,7 @@ def add_parser(sub) -> None:
 
 def run(a) -> int:
     """Load the model (which compiles the decode path) and run one prefill, with progress; print timings."""
-    from apr_numba.cli.main import DEFAULT_MODEL
+    from apr_numba.hub.registry import DEFAULT_MODEL
     from apr_numba.model.decoder import load
 
     t0 = time.perf_counter()

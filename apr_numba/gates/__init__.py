@@ -33,6 +33,7 @@ from apr_numba.gates.core import (
     select,
     spec,
 )
+from apr_numba.hub.registry import DEFAULT_MODEL
 
 __all__ = ["run", "GateResult", "GateSpec", "Measured", "NotApplicable", "registry", "spec", "select", "run_gate",
            "PASS", "FAIL", "NOT_APPLICABLE", "GateContext"]
@@ -46,7 +47,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def run(model="smollm2-135m", only=None, slow: bool = False,
+def run(model=DEFAULT_MODEL, only=None, slow: bool = False,
         progress_cb: Callable[[GateResult], None] | None = None, *, encoder: str = "minilm-l6",
         threads: int | None = None, ctx=None) -> list[GateResult]:
     """Measure the gates (registry order) and return their results.

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import sys
 
+from apr_numba.hub.registry import DEFAULT_MODEL
+
 STYLE = {"PASS": "bold green", "FAIL": "bold red", "NOT_APPLICABLE": "yellow"}
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("gates", help="measure aprender's falsifiable gates on this machine and model")
-    p.add_argument("model", nargs="?", default="smollm2-135m", help="registry name or path (default smollm2-135m)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name or path (default %(default)s)")
     p.add_argument("--only", metavar="PATTERN", default=None,
                    help="comma list of gate ids, globs or prefixes (WS-*, ENC, CPU-GPU-00[1-3], GWR-001)")
     p.add_argument("--slow", action="store_true", help="longer measurements (more tokens and repetitions)")

@@ -13,8 +13,8 @@ from contextlib import redirect_stderr
 from pathlib import Path
 
 from apr_numba.gates.core import NotApplicable
+from apr_numba.hub.registry import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_ENCODER = "minilm-l6"
 
 

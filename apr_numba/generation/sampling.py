@@ -15,6 +15,9 @@ The pipeline follows the semantics of Hugging Face transformers' logits processo
    highest-probability prefix whose cumulative probability is >= ``top_p`` (always at least one
    token: HF's ``min_tokens_to_keep=1``); ``top_p == 1`` disables it. Tokens of equal logit are
    ranked by lower index first.
+5b. min-p (llama.cpp's ``llama_sampler_min_p``, which runs after top-k / top-p and before the
+   temperature): keep the tokens with ``p_i >= min_p * p_max`` of the untempered softmax, i.e.
+   ``logit_i >= logit_max + log(min_p)``; ``min_p == 0`` disables it. The arg-max is always kept.
 6. Softmax over the kept tokens (max subtracted, float64), then one draw by inverse CDF from the
    sampler's own ``np.random.Generator(PCG64(seed))``.
 
@@ -62,6 +65,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    min_p: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`ArgumentError` naming the first out-of-range argument."""
@@ -75,6 +79,8 @@ class SamplingParams:
             raise ArgumentError(f"repeat_penalty must be a finite number > 0, got {self.repeat_penalty!r}")
         if not _is_int(self.repeat_last_n) or self.repeat_last_n < 0:
             raise ArgumentError(f"repeat_last_n must be an integer >= 0, got {self.repeat_last_n!r}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ArgumentError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ArgumentError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
 
@@ -276,6 +282,8 @@ class Sampler:
         if not np.isfinite(m):
             raise ArgumentError("logits contain NaN or +inf, or are all -inf")
         t = p_.temperature
+        # min-p on the untempered logits: p_i >= min_p * p_max  <=>  x_i >= max + log(min_p)
+        floor = float(m) + float(np.log(p_.min_p)) if p_.min_p > 0.0 else -np.inf
         if 0 < p_.top_k < n:
             ids = _top_k_candidates(x, p_.top_k)
             p = np.exp((x[ids].astype(np.float64) - float(m)) / t)
@@ -283,16 +291,24 @@ class Sampler:
                 total = float(p.sum())
                 keep = _nucleus(x[ids], p, p_.top_p * total, total)
                 ids, p = ids[keep], p[keep]
+            if floor > -np.inf:
+                keep = x[ids] >= floor
+                ids, p = ids[keep], p[keep]
             return ids, p, None
         z, tmp, mask = self._scratch(n)
         np.subtract(x, m, out=z, dtype=np.float64)
         z /= t
         p = np.exp(z, out=z)
-        if p_.top_p >= 1.0:
+        if p_.top_p >= 1.0 and floor == -np.inf:
             return None, p, None
-        total = float(p.sum())
-        keep = _cut_mask(x, _nucleus_cut(x, p, p_.top_p * total, total, tmp, mask), mask)
-        p *= keep  # a full-vocab draw over the nucleus is cheaper than gathering it
+        if p_.top_p < 1.0:
+            total = float(p.sum())
+            keep = _cut_mask(x, _nucleus_cut(x, p, p_.top_p * total, total, tmp, mask), mask)
+            if floor > -np.inf:
+                keep &= x >= floor
+        else:
+            keep = np.greater_equal(x, floor, out=mask)
+        p *= keep  # a full-vocab draw over the kept set is cheaper than gathering it
         return None, p, keep
 
     def _draw(self, p: np.ndarray) -> int:

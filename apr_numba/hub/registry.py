@@ -39,6 +39,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 _DEFAULT_MODELS = _REPO_ROOT / "models"
 REGISTRY_FILE = "registry.toml"
 ENV_MODELS = "APR_NUMBA_MODELS"
+DEFAULT_MODEL = "smollm2-135m"  # what `apr-numba run`, `apr-tui`, `warmup` and the gates use when none is named
 KINDS = ("gguf", "dir")
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -31,17 +31,41 @@ class KVState:
     """A KV cache and how many positions it holds (llama.cpp's ``llama_kv_cache`` + ``n_past``).
 
     k, v: float32 (n_layer, n_ctx, kv_dim). A model owns one; probes and shadows make their own
-    (:meth:`Model.new_state`) so they never touch the user's cache.
+    (:meth:`Model.new_state`) so they never touch the user's cache. ``tokens``: the ids
+    :meth:`Model.eval` appended, so that a later prompt sharing a prefix with them reuses its K/V
+    (:func:`cached_tokens`); positions past ``n_past`` are stale and get overwritten.
     """
 
     k: np.ndarray
     v: np.ndarray
     n_past: int = 0
+    tokens: list[int] | None = field(default_factory=list)
 
     @property
     def n_ctx(self) -> int:
         """Positions the cache can hold."""
         return self.k.shape[1]
+
+
+def cached_tokens(state) -> list[int]:
+    """The token ids whose K/V ``state`` holds at positions 0..n_past-1 ([] when not known, e.g. after a
+    caller advanced ``n_past`` past :meth:`Model.eval`'s record)."""
+    t = getattr(state, "tokens", None)
+    if t is None or len(t) < state.n_past:
+        return []
+    return t[:state.n_past]
+
+
+def _record_tokens(state, toks: np.ndarray) -> None:
+    """Append ``toks`` at position n_past to the state's token record (called before n_past advances)."""
+    t = getattr(state, "tokens", None)
+    if state.n_past == 0:
+        state.tokens = toks.tolist()
+    elif t is not None and len(t) >= state.n_past:
+        del t[state.n_past:]
+        t.extend(toks.tolist())
+    else:
+        state.tokens = None  # unknown history: never reused
 
 
 @dataclass
@@ -203,6 +227,7 @@ class Model:
         cap = (np.empty((self.config.n_layer, toks.size, self.config.n_embd), np.float32)
                if capture_layers else self.no_capture)
         self.forward_into(toks, logits, cap, state, debug, mats)
+        _record_tokens(state, toks)
         state.n_past += toks.size
         return (logits, cap) if capture_layers else logits
 
@@ -285,6 +310,18 @@ class Model:
         out = self.eval(ids, n_logits=len(ids))
         self.reset()
         return out
+
+    def close(self) -> None:
+        """Drop the KV cache and release the source file's pages; the model is unusable afterwards."""
+        self.state = None
+        if hasattr(self.source, "release_pages"):
+            self.source.release_pages()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         c = self.config
