@@ -7,6 +7,24 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
+T = GGMLQuantizationType
+# Byte offsets of the float16 fields (block scales) of each GGML block type. Every other byte of a block is
+# valid for any value, so random bytes with finite, bounded values here are random valid blocks.
+F16_FIELDS = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q4_K: [0, 2],
+              T.Q6_K: [208], T.Q2_K: [80, 82], T.Q3_K: [108], T.Q5_K: [0, 2], T.IQ4_NL: [0], T.IQ4_XS: [0]}
+
+
+def random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator,
+                  d_std: float = 0.02) -> np.ndarray:
+    """(rows, row_bytes) uint8 of random valid blocks of ``qtype``: random bytes, float16 scales ~ N(0, d_std)."""
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    nb = rows * cols // bs
+    blocks = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        d = (rng.standard_normal(nb) * d_std).astype("<f2")
+        blocks[:, off:off + 2] = d.view(np.uint8).reshape(nb, 2)
+    return blocks.reshape(rows, -1)
+
 
 def byte_alphabet() -> list[str]:
     """GPT-2's byte-to-unicode alphabet (256 characters), the spelling of byte-level BPE tokens."""

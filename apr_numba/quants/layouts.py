@@ -25,6 +25,7 @@ Block layouts (little-endian; ``half`` is IEEE float16):
   -> ``w = d * sc * q - dmin * m``. "Effectively 4.5 bits per weight".
 * Q6_K, 210 B / 256 (16 sub-blocks of 16): ``uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d``
   -> ``w = d * scale * (q - 32)``, q 6-bit. 6.5625 bpw.
+* Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS: see :mod:`apr_numba.quants.kquants` (I8 codes, Q5_K as U5 when packed).
 * F32, F16, BF16: plain floats (decoded to float32; not quantized).
 * aprender's AprQ4 (dtype 128; ``shared/docs/aprender-facts.md``), 18 B / 32 over the flattened tensor
   (last block zero-padded): ``half d; uint8 qs[16]`` with element 2i the low nibble of qs[i] and 2i+1
@@ -47,7 +48,7 @@ QK_K = 256
 T = GGMLQuantizationType
 # ggml type id -> (block size in values, type size in bytes), checked against ggml's struct sizes.
 BLOCKS = {t: GGML_QUANT_SIZES[t] for t in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                                             T.Q4_K, T.Q6_K)}
+                                             T.Q4_K, T.Q6_K, T.Q2_K, T.Q3_K, T.Q5_K, T.IQ4_NL, T.IQ4_XS)}
 assert BLOCKS[T.Q8_0] == (32, 2 + 32), "wrong q8_0 block size/padding"
 assert BLOCKS[T.Q4_0] == (32, 2 + 16), "wrong q4_0 block size/padding"
 assert BLOCKS[T.Q4_1] == (32, 2 + 2 + 16), "wrong q4_1 block size/padding"
@@ -61,9 +62,9 @@ SUPPORTED_TYPES = frozenset(BLOCKS) | {APR_Q4, APR_Q8}
 
 # Code families the kernels understand (see repack.py).
 FAMILY_U4 = 1  # codes 0..15, packed two per byte (Q4_0, Q4_1, Q4_K)
-FAMILY_I8 = 2  # codes -128..127, one per byte (Q8_0, Q5_0, Q5_1, Q6_K)
+FAMILY_I8 = 2  # codes -128..127, one per byte (Q8_0, Q5_0, Q5_1, Q6_K, Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS)
 FAMILY_F32 = 3  # plain float32 (F32, F16, BF16)
-FAMILY_U5 = 4  # codes 0..31, three per 16-bit word (Q5_0, Q5_1 when repacked; decode_codes gives them as I8)
+FAMILY_U5 = 4  # codes 0..31, three per 16-bit word (Q5_0, Q5_1, Q5_K when repacked; decode_codes gives I8)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Codes:
         codes: (rows, cols) uint8 (U4: 0..15), int8 (I8) or float32 (F32: the weights themselves).
         scale: (rows, cols // group) float32; empty for F32.
         offset: (rows, cols // group) float32, or None when every offset is zero.
-        group: values per scale (32, or 16 for Q6_K; 1 for F32).
+        group: values per scale (32, or 16 for Q6_K, Q2_K, Q3_K; 1 for F32).
     """
 
     family: int
@@ -213,7 +214,9 @@ def decode_codes(ggml_type: int, data: np.ndarray, shape: tuple[int, int], name:
         codes = (q.astype(np.int16) - 32).astype(np.int8)
         scale = (d * sc).reshape(rows, -1)  # one scale per 16 values
         return Codes(FAMILY_I8, t, codes.reshape(rows, cols), scale, None, 16)
-    raise ModelFormatError(f"{name}: unsupported quantization type {T(t).name}")  # pragma: no cover
+    from .kquants import decode_more
+
+    return decode_more(t, blocks, rows, cols)
 
 
 def _decode_apr(ggml_type: int, data: np.ndarray, shape: tuple[int, int], name: str) -> Codes:
