@@ -1,0 +1,116 @@
+"""Q2_K, Q3_K, Q5_K, IQ4_NL and IQ4_XS (apr_numba/quants/kquants.py) against gguf-py.
+
+Independent references: ``gguf.quants.dequantize`` (llama.cpp's gguf-py) on random valid blocks (random bytes,
+bounded float16 scales) for decoding, packing and the embedding row decoder; float64 ``X @ W.T`` of those
+weights for the products (decode T = 1, the 4-token tile T = 5, the BLAS prefill path); the float64 reference
+backend (apr_numba/reference.py, which dequantizes with gguf-py) for a whole tiny model; the GGUF bytes for the
+.apr round trip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, quants
+
+from apr_numba.kernels.embed import dequant_row
+from apr_numba.kernels.matmul import BLAS_MIN_T, dequant_rows, matmul_packed, packed_tuple
+from apr_numba.quants.layouts import FAMILY_I8, FAMILY_U5, SUPPORTED_TYPES, decode_codes
+from apr_numba.quants.repack import pack
+
+from .test_quants import product_bound
+from .tiny_gguf import random_blocks
+
+T = GGMLQuantizationType
+NEW_TYPES = [T.Q2_K, T.Q3_K, T.Q5_K, T.IQ4_NL, T.IQ4_XS]
+# (rows, cols): one row, fewer rows than a 64-row group, several groups with a partial last one
+SHAPES = [(1, 256), (70, 512), (130, 768)]
+# Resident bytes per weight of the packed layout (codes + float32 scale [+ offset] per sub-block), derived from
+# the layout in docs/kernels.md, not from the code: group g, int8 codes 1 B, U5 22 B per 32.
+RESIDENT_B_PER_VALUE = {T.Q2_K: 1 + 8 / 16, T.Q3_K: 1 + 4 / 16, T.Q5_K: (22 + 8) / 32, T.IQ4_NL: 1 + 4 / 32,
+                        T.IQ4_XS: 1 + 4 / 32}
+
+
+def ids(t) -> str:
+    return t.name
+
+
+def rand(qtype, rows, cols, seed):
+    return random_blocks(qtype, rows, cols, np.random.default_rng(seed))
+
+
+def ref_weights(qtype, raw, rows, cols) -> np.ndarray:
+    return quants.dequantize(raw, qtype).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("qtype", NEW_TYPES, ids=ids)
+def test_decode_bit_exact_and_packing_lossless(qtype, shape):
+    rows, cols = shape
+    raw = rand(qtype, rows, cols, seed=int(qtype) * 7 + rows)
+    ref = ref_weights(qtype, raw, rows, cols)
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+    codes = decode_codes(qtype, raw, (rows, cols))
+    w = codes.dequantize()
+    bad = np.argwhere(w != ref)
+    assert bad.size == 0, f"{qtype.name}: {len(bad)} values differ, first at {bad[0]}"
+    layouts = ("u5", "i8") if qtype == T.Q5_K else (None,)
+    for q5 in layouts:
+        pm = pack(codes, q5=q5)
+        assert np.array_equal(pm.dequantize(), ref), (qtype.name, q5)
+
+
+@pytest.mark.parametrize("qtype", NEW_TYPES, ids=ids)
+def test_resident_bytes_per_weight(qtype):
+    rows, cols = 128, 512  # two full row groups: no padding rows
+    codes = decode_codes(qtype, rand(qtype, rows, cols, 1), (rows, cols))
+    pm = pack(codes)
+    assert pm.family == (FAMILY_U5 if qtype == T.Q5_K else FAMILY_I8)
+    assert pm.nbytes / (rows * cols) == RESIDENT_B_PER_VALUE[qtype]
+    assert qtype in SUPPORTED_TYPES
+
+
+def test_q3_k_and_iq4_codes_cover_their_ranges():
+    """The signed codes reach both ends (Q3_K -4..3, IQ4 the table's -127..113): sign handling is exercised."""
+    c3 = decode_codes(T.Q3_K, rand(T.Q3_K, 8, 256, 2), (8, 256)).codes
+    assert (c3.min(), c3.max()) == (-4, 3)
+    for t in (T.IQ4_NL, T.IQ4_XS):
+        c = decode_codes(t, rand(t, 8, 256, 3), (8, 256)).codes
+        assert (c.min(), c.max()) == (-127, 113) and len(np.unique(c)) == 16
+
+
+@pytest.mark.parametrize("qtype", NEW_TYPES, ids=ids)
+def test_embedding_row_decoder_matches_gguf(qtype):
+    rows, cols = 5, 512
+    raw = rand(qtype, rows, cols, seed=100 + int(qtype))
+    ref = ref_weights(qtype, raw, rows, cols)
+    out = np.empty(cols, np.float32)
+    for r in range(rows):
+        dequant_row(out, np.ascontiguousarray(raw[r]), int(qtype))
+        # FMA contraction may round a*b - c once instead of twice (Q2_K, Q5_K offsets): 1 ulp of the scale
+        np.testing.assert_allclose(out, ref[r], rtol=2e-7, atol=1e-9, err_msg=f"{qtype.name} row {r}")
+        if qtype not in (T.Q2_K, T.Q5_K):  # no offset: a single product, bit for bit
+            assert np.array_equal(out, ref[r])
+
+
+@pytest.mark.parametrize("n_tok", [1, 5, BLAS_MIN_T + 3])
+@pytest.mark.parametrize("qtype, q5", [(t, None) for t in NEW_TYPES] + [(T.Q5_K, "i8")],
+                         ids=[t.name for t in NEW_TYPES] + ["Q5_K-i8"])
+def test_matmul_within_stated_bound(qtype, q5, n_tok):
+    """Decode (T = 1), the 4-token tile (T = 5) and the BLAS prefill path: within cols * 2**-23 * |x||w|."""
+    rows, cols = 130, 768
+    raw = rand(qtype, rows, cols, seed=7)
+    W = ref_weights(qtype, raw, rows, cols).astype(np.float64)
+    pm = pack(decode_codes(qtype, raw, (rows, cols)), q5=q5)
+    if n_tok >= BLAS_MIN_T:  # the chunk BLAS multiplies is the exact dequantized matrix
+        out = np.empty((pm.s.shape[0] * 64, cols), np.float32)
+        dequant_rows(out, packed_tuple(pm), 0)
+        assert np.array_equal(out[:rows], W.astype(np.float32))
+    X = np.random.default_rng(n_tok).standard_normal((n_tok, cols)).astype(np.float32)
+    Y = matmul_packed(pm, X)
+    ref = X.astype(np.float64) @ W.T
+    err = np.abs(Y - ref)
+    bound = product_bound(X.astype(np.float64), W)
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert np.all(err <= bound), f"{qtype.name}: worst {worst}: err {err[worst]:.3e} > bound {bound[worst]:.3e}"
+    assert np.max(err) < 1e-4 * np.max(np.abs(ref))
