@@ -114,3 +114,71 @@ def test_matmul_within_stated_bound(qtype, q5, n_tok):
     worst = np.unravel_index(np.argmax(err / bound), err.shape)
     assert np.all(err <= bound), f"{qtype.name}: worst {worst}: err {err[worst]:.3e} > bound {bound[worst]:.3e}"
     assert np.max(err) < 1e-4 * np.max(np.abs(ref))
+
+
+# -- a whole tiny model ------------------------------------------------------------------------------------
+
+MATS = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.0.attn_output.weight",
+        "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"]
+DIMS = (256, 2, 512, 300)  # n_embd, n_head, n_ff, n_vocab: rows a multiple of the 256-value super-blocks
+PROMPT = [5, 77, 256, 3, 299, 42, 17, 200]
+
+
+def model_mix(lead) -> dict[str, T]:
+    """token_embd (tied: also the LM head) of type ``lead``, the 7 matrices cycling through every new type from
+    ``lead`` on, and one norm vector quantized (the float32 vector loader)."""
+    k = NEW_TYPES.index(lead)
+    mix = {name: NEW_TYPES[(k + i) % len(NEW_TYPES)] for i, name in enumerate(MATS)}
+    return {"token_embd.weight": lead, "blk.0.ffn_norm.weight": T.IQ4_NL, **mix}
+
+
+@pytest.fixture(scope="module", params=NEW_TYPES, ids=ids)
+def tiny_model(request, tmp_path_factory):
+    from .tiny_gguf import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("kq") / f"tiny-{request.param.name}.gguf"
+    write_tiny_gguf(path, quant=model_mix(request.param), dims=DIMS)
+    return path
+
+
+def test_tiny_model_matches_float64_reference(tiny_model):
+    """Every matrix of a tiny llama in the new types: CPU logits (prefill of 8 tokens, then decode steps through the
+    KV cache) against the float64 NumPy reference over gguf-py's dequantized weights."""
+    from apr_numba import load
+    from apr_numba.gguf_file import GGUFFile
+    from apr_numba.reference import ReferenceModel
+
+    src = GGUFFile(tiny_model, use_cache=False)
+    assert {T(src.tensors[n].ggml_type) for n in MATS} == set(NEW_TYPES)
+    m = load(tiny_model, backend="cpu", n_ctx=16, warmup=False)
+    ref = ReferenceModel(tiny_model).forward(PROMPT).logits  # (T, n_vocab) float64
+    got = m.logits(PROMPT)
+    for t in range(len(PROMPT)):
+        a, b = got[t].astype(np.float64), ref[t]
+        cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+        assert cos >= 0.9999, (t, cos)  # observed 1 - cos ~ 3e-14
+        assert np.abs(a - b).max() < 1e-5 * np.abs(b).max(), t  # observed ~6e-7
+        assert np.argmax(a) == np.argmax(b)
+    assert np.std(ref[-1]) > 1e-3  # the logits are not flat: the check means something
+
+
+def test_apr_import_round_trip_is_lossless(tiny_model, tmp_path):
+    """GGUF -> .apr keeps every tensor's bytes and GGML type (dtype byte = GGML id), and a model loaded from the
+    .apr gives the GGUF's logits bit for bit."""
+    from apr_numba import load
+    from apr_numba.apr_file import AprFile
+    from apr_numba.apr_import import import_model
+    from apr_numba.gguf_check import read_gguf
+
+    r = import_model(tiny_model, tmp_path / "tiny.apr")
+    apr = AprFile(r.path)
+    _, table = read_gguf(tiny_model)
+    mm = np.memmap(tiny_model, dtype=np.uint8, mode="r")
+    for name, t in table.items():
+        a = apr.tensors[name]
+        assert (a.ggml_type, a.shape, a.nbytes) == (t.ggml_type, t.shape, t.nbytes), name
+        assert np.array_equal(apr.data(name), mm[t.offset:t.offset + t.nbytes]), name
+    assert {int(apr.tensors[n].ggml_type) for n in MATS} == {int(t) for t in NEW_TYPES}
+    mg = load(tiny_model, backend="cpu", n_ctx=16, warmup=False)
+    ma = load(r.path, backend="cpu", n_ctx=16, warmup=False)
+    assert np.array_equal(mg.logits(PROMPT), ma.logits(PROMPT))

@@ -39,13 +39,22 @@ def byte_alphabet() -> list[str]:
     return [chr(c) for c in cs]
 
 
+# float16 scale spread per type that gives weights of typical magnitude ~0.05 (block scale x code x sub-scale)
+MODEL_D_STD = {T.Q8_0: 5e-4, T.Q4_0: 0.01, T.Q4_1: 0.01, T.Q5_0: 5e-3, T.Q5_1: 5e-3, T.Q4_K: 3e-4, T.Q6_K: 2e-4,
+               T.Q2_K: 5e-3, T.Q3_K: 1.5e-3, T.Q5_K: 1e-4, T.IQ4_NL: 1e-3, T.IQ4_XS: 5e-5}
+
+
 def write_tiny_gguf(path: Path, arch: str = "llama", q_type: GGMLQuantizationType | None = None,
-                    extra: dict[str, tuple[int, ...]] | None = None, scale: float = 1.0) -> dict[str, np.ndarray]:
+                    extra: dict[str, tuple[int, ...]] | None = None, scale: float = 1.0,
+                    quant: dict[str, GGMLQuantizationType] | None = None,
+                    dims: tuple[int, int, int, int] = (64, 2, 128, 300)) -> dict[str, np.ndarray]:
     """Write a one-layer decoder GGUF with a valid tokenizer; F32 tensors, except ``blk.0.attn_q.weight``
-    stored as ``q_type`` (random blocks) when given. ``extra``: more F32 tensors (name -> shape), e.g. a toy
-    variant's post-norms; ``scale`` multiplies the random matrices (norm weights stay ~N(1, 0.1)).
-    Returns the tensors written (raw bytes for q_type)."""
-    D, H, F, V = 64, 2, 128, 300
+    stored as ``q_type`` (random bytes, scales included) when given, and the tensors named in ``quant`` stored
+    as random valid blocks of their type (:func:`random_blocks`, scales ``MODEL_D_STD``). ``extra``: more F32
+    tensors (name -> shape), e.g. a toy variant's post-norms; ``scale`` multiplies the random matrices (norm
+    weights stay ~N(1, 0.1)). ``dims`` is (n_embd, n_head, n_ff, n_vocab).
+    Returns the tensors written (raw bytes for quantized ones)."""
+    D, H, F, V = dims
     w = GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_context_length(64)
@@ -73,6 +82,11 @@ def write_tiny_gguf(path: Path, arch: str = "llama", q_type: GGMLQuantizationTyp
             bs, ts = GGML_QUANT_SIZES[q_type]
             arrays[name] = rng.integers(0, 256, (shape[0], shape[1] // bs * ts), dtype=np.uint8)
             w.add_tensor(name, arrays[name], raw_dtype=q_type)
+        elif quant and name in quant:
+            qt = quant[name]
+            rows, cols = shape if len(shape) == 2 else (1, shape[0])
+            arrays[name] = random_blocks(qt, rows, cols, rng, MODEL_D_STD[qt]).reshape(*shape[:-1], -1)
+            w.add_tensor(name, arrays[name], raw_dtype=qt)
         elif len(shape) == 1:
             arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32) if scale != 1.0 else \
                 rng.standard_normal(shape).astype(np.float32)
