@@ -17,9 +17,8 @@ from apr_numba.kernels.embed import dequant_row
 from apr_numba.kernels.matmul import BLAS_MIN_T, dequant_rows, matmul_packed, packed_tuple
 from apr_numba.quants.layouts import FAMILY_I8, FAMILY_U5, SUPPORTED_TYPES, decode_codes
 from apr_numba.quants.repack import pack
-
-from .test_quants import product_bound
-from .tiny_gguf import random_blocks
+from tests.test_quants import product_bound
+from tests.tiny_gguf import random_blocks
 
 T = GGMLQuantizationType
 NEW_TYPES = [T.Q2_K, T.Q3_K, T.Q5_K, T.IQ4_NL, T.IQ4_XS]
@@ -134,7 +133,7 @@ def model_mix(lead) -> dict[str, T]:
 
 @pytest.fixture(scope="module", params=NEW_TYPES, ids=ids)
 def tiny_model(request, tmp_path_factory):
-    from .tiny_gguf import write_tiny_gguf
+    from tests.tiny_gguf import write_tiny_gguf
 
     path = tmp_path_factory.mktemp("kq") / f"tiny-{request.param.name}.gguf"
     write_tiny_gguf(path, quant=model_mix(request.param), dims=DIMS)
@@ -145,8 +144,8 @@ def test_tiny_model_matches_float64_reference(tiny_model):
     """Every matrix of a tiny llama in the new types: CPU logits (prefill of 8 tokens, then decode steps through the
     KV cache) against the float64 NumPy reference over gguf-py's dequantized weights."""
     from apr_numba import load
-    from apr_numba.gguf_file import GGUFFile
-    from apr_numba.reference import ReferenceModel
+    from apr_numba.backends.reference import ReferenceModel
+    from apr_numba.formats.gguf_file import GGUFFile
 
     src = GGUFFile(tiny_model, use_cache=False)
     assert {T(src.tensors[n].ggml_type) for n in MATS} == set(NEW_TYPES)
@@ -166,9 +165,9 @@ def test_apr_import_round_trip_is_lossless(tiny_model, tmp_path):
     """GGUF -> .apr keeps every tensor's bytes and GGML type (dtype byte = GGML id), and a model loaded from the
     .apr gives the GGUF's logits bit for bit."""
     from apr_numba import load
-    from apr_numba.apr_file import AprFile
-    from apr_numba.apr_import import import_model
-    from apr_numba.gguf_check import read_gguf
+    from apr_numba.formats.apr_file import AprFile
+    from apr_numba.formats.apr_import import import_model
+    from apr_numba.formats.gguf_header import read_gguf
 
     r = import_model(tiny_model, tmp_path / "tiny.apr")
     apr = AprFile(r.path)

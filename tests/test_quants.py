@@ -15,8 +15,7 @@ from apr_numba.kernels.embed import dequant_row
 from apr_numba.kernels.matmul import matmul_packed
 from apr_numba.quants.layouts import FAMILY_I8, FAMILY_U5, SUPPORTED_TYPES, decode_codes
 from apr_numba.quants.repack import pack, pack_raw, q5_layout
-
-from .tiny_gguf import random_blocks
+from tests.tiny_gguf import random_blocks
 
 T = GGMLQuantizationType
 QUANT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K]

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layouts import FAMILY_I8, Codes, T, _f16, _get_scale_min_k4
+from apr_numba.quants.layouts import FAMILY_I8, Codes, T, _f16, _get_scale_min_k4
 
 # ggml-common.h kvalues_iq4nl (also gguf-py's IQ4_NL.kvalues).
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)

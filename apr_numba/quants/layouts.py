@@ -214,7 +214,7 @@ def decode_codes(ggml_type: int, data: np.ndarray, shape: tuple[int, int], name:
         codes = (q.astype(np.int16) - 32).astype(np.int8)
         scale = (d * sc).reshape(rows, -1)  # one scale per 16 values
         return Codes(FAMILY_I8, t, codes.reshape(rows, cols), scale, None, 16)
-    from .kquants import decode_more
+    from apr_numba.quants.kquants import decode_more
 
     return decode_more(t, blocks, rows, cols)
 
