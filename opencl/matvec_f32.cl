@@ -1,7 +1,7 @@
 // kernel_matvec_<WTYPE>_f32: Y (ntok, rows) = X (ntok, cols) @ W.T for a matrix W of raw GGML blocks.
 //
-// Needs quants.cl in front (the host concatenates them) and -D WTYPE=<q4_0|q4_1|q5_0|q5_1|q8_0|q4_K|
-// q6_K|f16|bf16|f32>. This is llama.cpp's mul_mv_<type>_f32 (ggml-opencl kernels/mul_mv_*.cl) for
+// Needs quants.cl in front (the host concatenates them) and -D WTYPE=<q4_0|q4_1|q5_0|q5_1|q8_0|q2_K|q3_K|
+// q4_K|q5_K|q6_K|iq4_nl|iq4_xs|f16|bf16|f32>. This is llama.cpp's mul_mv_<type>_f32 (ggml-opencl kernels/mul_mv_*.cl) for
 // ntok = 1 (decode) and a tiled mul_mm for ntok > 1 (prefill): each decoded chunk of W is reused for TB
 // activation rows, so W is read ceil(ntok / TB) times instead of ntok times.
 //

@@ -239,6 +239,158 @@ inline void dequant_chunk_q6_K(global const uchar *row, int c, float8 *w) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Q2_K: 16 blocks of 16 elements each; weight is represented as x = a * q + b;
+// Effectively 2.625 bits per weight
+#define QK_q2_K QK_K
+#define TS_q2_K 84
+typedef struct {
+    uchar scales[QK_K / 16];  // scales and mins, quantized with 4 bits
+    uchar qs[QK_K / 4];       // quants
+    ushort d;                 // super-block scale for quantized scales (half)
+    ushort dmin;              // super-block scale for quantized mins (half)
+} block_q2_K;
+
+// chunk c = values 32j .. 32j+31 (j = c % 4) of 128-value half h = (c % 8) / 4 of super-block c / 8; as
+// dequantize_row_q2_K: q = (qs[32h + l] >> 2j) & 3, sub-block 8h + 2j + l/16 with scale byte sc:
+// w = d * (sc & 15) * q - dmin * (sc >> 4).
+inline void dequant_chunk_q2_K(global const uchar *row, int c, float8 *w) {
+    global const block_q2_K *b = (global const block_q2_K *)row + (c >> 3);
+    const int h = (c >> 2) & 1;
+    const int j = c & 3;
+    const float d = SCALE(HALF(&b->d), c);
+    const float dmin = HALF(&b->dmin);
+    global const uchar *q = b->qs + 32 * h;
+    const uchar shift = 2 * j;
+    for (int i = 0; i < 4; ++i) {
+        const uchar sc = b->scales[8 * h + 2 * j + (i >> 1)];
+        const float dl = d * (float)(sc & 0xF);
+        const float ml = dmin * (float)(sc >> 4);
+        w[i] = dl * convert_float8((vload8(i, q) >> shift) & (uchar)3) - ml;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Q3_K: 16 blocks of 16 elements each; weight is represented as x = a * q;
+// Effectively 3.4375 bits per weight
+#define QK_q3_K QK_K
+#define TS_q3_K 110
+typedef struct {
+    uchar hmask[QK_K / 8];  // quants - high bit
+    uchar qs[QK_K / 4];     // quants - low 2 bits
+    uchar scales[12];       // scales, quantized with 6 bits
+    ushort d;               // super-block scale (half)
+} block_q3_K;
+
+// chunk c as Q2_K's; as dequantize_row_q3_K: q = ((qs[32h + l] >> 2j) & 3) - 4 unless bit 4h + j of hmask[l]
+// is set; 6-bit scale of sub-block s: (scales[s % 8] >> 4(s / 8)) & 15 | ((scales[8 + s % 4] >> 2(s / 4)) & 3)
+// << 4; w = d * (scale - 32) * q.
+inline void dequant_chunk_q3_K(global const uchar *row, int c, float8 *w) {
+    global const block_q3_K *b = (global const block_q3_K *)row + (c >> 3);
+    const int h = (c >> 2) & 1;
+    const int j = c & 3;
+    const float d = SCALE(HALF(&b->d), c);
+    global const uchar *q = b->qs + 32 * h;
+    const uchar shift = 2 * j;
+    const uchar hbit = 4 * h + j;
+    for (int i = 0; i < 4; ++i) {
+        const int s = 8 * h + 2 * j + (i >> 1);
+        const int sc = ((b->scales[s & 7] >> (4 * (s >> 3))) & 0xF)
+                       | (((b->scales[8 + (s & 3)] >> (2 * (s >> 2))) & 3) << 4);
+        const float dl = d * (float)(sc - 32);
+        const float8 lo = convert_float8((vload8(i, q) >> shift) & (uchar)3);
+        const float8 hi = convert_float8((vload8(i, b->hmask) >> hbit) & (uchar)1);
+        w[i] = dl * (lo + (4.0f * hi - 4.0f));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Q5_K: 8 blocks of 32 elements each; weight is represented as x = a * q + b;
+// Effectively 5.5 bits per weight
+#define QK_q5_K QK_K
+#define TS_q5_K 176
+typedef struct {
+    ushort d;                    // super-block scale for quantized scales (half)
+    ushort dmin;                 // super-block scale for quantized mins (half)
+    uchar scales[K_SCALE_SIZE];  // scales and mins, quantized with 6 bits
+    uchar qh[QK_K / 8];          // quants, high bit
+    uchar qs[QK_K / 2];          // quants, low 4 bits
+} block_q5_K;
+
+// chunk c = sub-block j = c % 8 of super-block c / 8; as dequantize_row_q5_K: q = (qs[32(j/2) + l] >> 4(j%2)) & 15
+// | ((qh[l] >> j) & 1) << 4, w = d * sc * q - dmin * m (get_scale_min_k4).
+inline void dequant_chunk_q5_K(global const uchar *row, int c, float8 *w) {
+    global const block_q5_K *b = (global const block_q5_K *)row + (c >> 3);
+    const int j = c & 7;
+    uchar sc, mn;
+    get_scale_min_k4(j, b->scales, &sc, &mn);
+    const float d1 = SCALE(HALF(&b->d), c) * (float)sc;
+    const float m1 = HALF(&b->dmin) * (float)mn;
+    global const uchar *q = b->qs + 32 * (j >> 1);
+    const uchar shift = 4 * (j & 1);
+    for (int i = 0; i < 4; ++i) {
+        const uchar8 v = ((vload8(i, q) >> shift) & (uchar)0x0F)
+                         | (((vload8(i, b->qh) >> (uchar)j) & (uchar)1) << (uchar)4);
+        w[i] = d1 * convert_float8(v) - m1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// IQ4_NL: w = d * kvalues_iq4nl[q], q 4-bit (non-linear table); 4.5 bits per weight
+#define QK4_NL 32
+#define QK_iq4_nl QK4_NL
+#define TS_iq4_nl 18
+typedef struct {
+    ushort d;              // delta (half)
+    uchar qs[QK4_NL / 2];  // nibbles / quants: element j low nibble of qs[j], element j+16 high nibble
+} block_iq4_nl;
+
+// ggml-common.h kvalues_iq4nl, as floats (exact)
+constant float kvalues_iq4nl[16] = {-127.f, -104.f, -83.f, -65.f, -49.f, -35.f, -22.f, -10.f,
+                                    1.f, 13.f, 25.f, 38.f, 53.f, 69.f, 89.f, 113.f};
+
+inline float8 iq4_values(uchar8 q) {
+    return (float8)(kvalues_iq4nl[q.s0], kvalues_iq4nl[q.s1], kvalues_iq4nl[q.s2], kvalues_iq4nl[q.s3],
+                    kvalues_iq4nl[q.s4], kvalues_iq4nl[q.s5], kvalues_iq4nl[q.s6], kvalues_iq4nl[q.s7]);
+}
+
+// 16 bytes of nibbles -> the 32 table values (nibbles() order), times d
+inline void iq4_chunk(global const uchar *qs, float d, float8 *w) {
+    const uchar16 q = vload16(0, qs);
+    const uchar16 lo = q & (uchar)0x0F;
+    const uchar16 hi = q >> (uchar)4;
+    w[0] = d * iq4_values(lo.lo);
+    w[1] = d * iq4_values(lo.hi);
+    w[2] = d * iq4_values(hi.lo);
+    w[3] = d * iq4_values(hi.hi);
+}
+
+inline void dequant_chunk_iq4_nl(global const uchar *row, int c, float8 *w) {
+    global const block_iq4_nl *b = (global const block_iq4_nl *)row + c;
+    iq4_chunk(b->qs, SCALE(HALF(&b->d), c), w);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// IQ4_XS: 8 blocks of 32 elements each, 6-bit block scales, values through kvalues_iq4nl;
+// 4.25 bits per weight
+#define QK_iq4_xs QK_K
+#define TS_iq4_xs 136
+typedef struct {
+    ushort d;                   // super-block scale (half)
+    ushort scales_h;            // high 2 bits of the 8 block scales
+    uchar scales_l[QK_K / 64];  // low 4 bits of the block scales
+    uchar qs[QK_K / 2];         // nibbles: block j uses qs[16j .. 16j + 16] as IQ4_NL
+} block_iq4_xs;
+
+// chunk c = block j = c % 8 of super-block c / 8; as dequantize_row_iq4_xs:
+// ls = (scales_l[j/2] >> 4(j%2)) & 15 | ((scales_h >> 2j) & 3) << 4, w = d * (ls - 32) * kvalues_iq4nl[q].
+inline void dequant_chunk_iq4_xs(global const uchar *row, int c, float8 *w) {
+    global const block_iq4_xs *b = (global const block_iq4_xs *)row + (c >> 3);
+    const int j = c & 7;
+    const int ls = ((b->scales_l[j >> 1] >> (4 * (j & 1))) & 0xF) | (((b->scales_h >> (2 * j)) & 3) << 4);
+    iq4_chunk(b->qs + 16 * j, SCALE(HALF(&b->d), c) * (float)(ls - 32), w);
+}
+
+// ---------------------------------------------------------------------------------------------------
 #define DEQUANT_CHUNK CAT(dequant_chunk_, WTYPE)
 // bytes of one row of ncols values (ncols a multiple of the block size)
 #define ROW_BYTES(ncols) ((size_t)((ncols) / CAT(QK_, WTYPE)) * CAT(TS_, WTYPE))

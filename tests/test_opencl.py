@@ -52,8 +52,7 @@ def cosine(a, b) -> float:
 
 # -- 1. per-op kernels ---------------------------------------------------------------------------
 
-HALF_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2],
-               T.Q6_K: [208]}  # byte offsets of the f16 scales in each block
+from tests.tiny_gguf import F16_FIELDS as HALF_FIELDS  # noqa: E402  (byte offsets of each block's f16 scales)
 
 
 def random_blocks(t: T, rows: int, cols: int, rng) -> np.ndarray:

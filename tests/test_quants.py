@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType, quants
 
 from apr_numba.errors import ModelFormatError
 from apr_numba.kernels.embed import dequant_row
 from apr_numba.kernels.matmul import matmul_packed
 from apr_numba.quants.layouts import FAMILY_I8, FAMILY_U5, SUPPORTED_TYPES, decode_codes
 from apr_numba.quants.repack import pack, pack_raw, q5_layout
+from tests.tiny_gguf import random_blocks
 
 T = GGMLQuantizationType
-# byte offsets of the float16 fields of each block type (set to finite values in random blocks)
-F16_FIELDS = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q4_K: [0, 2],
-              T.Q6_K: [208]}
 QUANT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K]
 FLOAT_TYPES = [T.F32, T.F16, T.BF16]
 # (type, Q5 layout): every type with the default packing (Q5_0 / Q5_1 -> FAMILY_U5), plus Q5 packed as FAMILY_I8
@@ -34,7 +32,6 @@ def case_id(case) -> str:
 def random_tensor(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """Raw bytes (rows, row_bytes) uint8 of a random, finite tensor of ``qtype``."""
     rng = np.random.default_rng(seed)
-    bs, ts = GGML_QUANT_SIZES[qtype]
     if qtype == T.F32:
         return rng.standard_normal((rows, cols)).astype("<f4").view(np.uint8)
     if qtype == T.F16:
@@ -42,12 +39,7 @@ def random_tensor(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     if qtype == T.BF16:
         f = rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32)
         return (f >> 16).astype("<u2").view(np.uint8)
-    nb = rows * cols // bs
-    blocks = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        d = (rng.standard_normal(nb) * 0.02).astype("<f2")
-        blocks[:, off:off + 2] = d.view(np.uint8).reshape(nb, 2)
-    return blocks.reshape(rows, -1)
+    return random_blocks(qtype, rows, cols, rng)
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
@@ -115,8 +107,8 @@ def test_decode_codes_errors_name_the_tensor():
     with pytest.raises(ModelFormatError, match="bytes"):
         decode_codes(T.Q8_0, np.zeros(33, np.uint8), (1, 32), "t")
     with pytest.raises(ModelFormatError, match="unsupported"):
-        decode_codes(T.Q2_K, np.zeros(84, np.uint8), (1, 256), "t")
-    assert T.Q2_K not in SUPPORTED_TYPES
+        decode_codes(T.IQ2_XXS, np.zeros(66, np.uint8), (1, 256), "t")
+    assert T.IQ2_XXS not in SUPPORTED_TYPES
 
 
 REAL = {

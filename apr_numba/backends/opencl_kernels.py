@@ -35,7 +35,9 @@ from apr_numba.errors import AprError
 
 # GGML type id -> the WTYPE name of quants.cl (block structs and chunk decoders).
 WTYPES = {int(T.F32): "f32", int(T.F16): "f16", int(T.BF16): "bf16", int(T.Q4_0): "q4_0", int(T.Q4_1): "q4_1",
-          int(T.Q5_0): "q5_0", int(T.Q5_1): "q5_1", int(T.Q8_0): "q8_0", int(T.Q4_K): "q4_K", int(T.Q6_K): "q6_K"}
+          int(T.Q5_0): "q5_0", int(T.Q5_1): "q5_1", int(T.Q8_0): "q8_0", int(T.Q4_K): "q4_K", int(T.Q6_K): "q6_K",
+          int(T.Q2_K): "q2_K", int(T.Q3_K): "q3_K", int(T.Q5_K): "q5_K", int(T.IQ4_NL): "iq4_nl",
+          int(T.IQ4_XS): "iq4_xs"}
 OPS_FILES = ("rms_norm_f32", "rope_f32", "cpy_kv_f32", "attn_f32", "swiglu_f32", "add_f32", "argmax_f32")
 QUANT_FILES = ("quants", "matvec_f32", "get_rows_f32")
 FAULTS = ("scale",)  # fault injections for tests of the parity gate (quants.cl FAULT_SCALE)

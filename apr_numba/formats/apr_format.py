@@ -87,15 +87,17 @@ def flag_names(flags: int) -> list[str]:
 # dtype bytes. Plain: GGML F32/F16/BF16 and GGML's integer and F64 ids (used for buffers such as
 # BERT position_ids); block types: (values per block, bytes per block), ggml-common.h.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, LEGACY_APR_Q8 = 0, 1, 2, 3, 6, 7, 8, 9
-Q4_K, Q5_K, Q6_K, I8, I16, I32, I64, F64, BF16 = 12, 13, 14, 24, 25, 26, 27, 28, 30
-APR_Q4, APR_Q8 = 128, 129
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS = 10, 11, 12, 13, 14, 20, 23
+I8, I16, I32, I64, F64, BF16, APR_Q4, APR_Q8 = 24, 25, 26, 27, 28, 30, 128, 129
 PLAIN_SIZES = {F32: 4, F16: 2, BF16: 2, I8: 1, I16: 2, I32: 4, I64: 8, F64: 8}
 BLOCK_SIZES = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
-               Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+               Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), Q2_K: (256, 84), Q3_K: (256, 110),
+               IQ4_NL: (32, 18), IQ4_XS: (256, 136)}
 APR_Q4_BLOCK = (32, 18)  # f16 scale + 16 bytes of nibbles per 32 values (last block zero-padded)
 DTYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", I8: "I8", I16: "I16", I32: "I32", I64: "I64", F64: "F64",
                Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K",
-               Q6_K: "Q6_K", APR_Q4: "APR_Q4", APR_Q8: "APR_Q8"}
+               Q6_K: "Q6_K", Q2_K: "Q2_K", Q3_K: "Q3_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS", APR_Q4: "APR_Q4",
+               APR_Q8: "APR_Q8"}
 KNOWN_DTYPE_BYTES = frozenset(DTYPE_NAMES) | {LEGACY_APR_Q8}
 QUANTIZED_DTYPES = frozenset(BLOCK_SIZES) | {APR_Q4, APR_Q8}
 

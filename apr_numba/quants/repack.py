@@ -10,16 +10,17 @@ Layout of a :class:`PackedMatrix` with ``G = ceil(rows / LANES)`` row groups:
 
 * FAMILY_U4 (Q4_0, Q4_1, Q4_K): ``q`` (G, cols/32, 16, LANES) uint8, byte j of a 32-value block holds
   code j (low nibble) and code j+16 (high nibble); ``s``, ``m`` (G, cols/32, LANES) float32.
-* FAMILY_I8 (Q8_0, Q6_K; Q5_0, Q5_1 with ``APR_NUMBA_Q5_LAYOUT=i8``): ``q`` (G, cols/group, group, LANES)
-  int8 stored as uint8; ``s`` (G, cols/group, LANES); ``m`` the same shape, or (G, 0, LANES) when all offsets
-  are zero.
-* FAMILY_U5 (Q5_0, Q5_1; the default, see :func:`q5_layout`): 5-bit codes c_0..c_31 of a 32-value block
-  (Q5_0: c = q, w = d * (c - 16); Q5_1: w = d * c + m) in 11 little-endian 16-bit words per block and lane:
+* FAMILY_I8 (Q8_0, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS; Q5_0, Q5_1, Q5_K with ``APR_NUMBA_Q5_LAYOUT=i8``):
+  ``q`` (G, cols/group, group, LANES) int8 stored as uint8; ``s`` (G, cols/group, LANES); ``m`` the same
+  shape, or (G, 0, LANES) when all offsets are zero.
+* FAMILY_U5 (Q5_0, Q5_1, Q5_K; the default, see :func:`q5_layout`): 5-bit codes c_0..c_31 of a 32-value
+  block (Q5_0: c = q, w = d * (c - 16); Q5_1: w = d * c + m; Q5_K: w = d sc * c - dmin m per sub-block)
+  in 11 little-endian 16-bit words per block and lane:
   word w < 10 = ``c_w + 32 c_{w+10} + 1024 c_{w+20}`` (bit 15 zero), word 10 = ``c_30 + 32 c_31``.
   ``q`` is (G, cols/32, 11, 2*LANES) uint8, i.e. ``q.view(uint16)`` is (G, cols/32, 11, LANES): word w of
   block b of row g*LANES + l at ``[g, b, w, l]``. 22 B + 4 B scale per 32 values = 0.8125 B/value (I8:
-  1.125). ``s`` (G, cols/32, LANES) = d. ``m`` (G, cols/32, LANES) = -m for Q5_1; for Q5_0 ``m`` is
-  (G, 0, LANES) and the -16 is implicit: ``w = s * (c - 16)``.
+  1.125). ``s`` (G, cols/32, LANES) = d (Q5_K: d sc). ``m`` (G, cols/32, LANES) = -m for Q5_1 (Q5_K: dmin m);
+  for Q5_0 ``m`` is (G, 0, LANES) and the -16 is implicit: ``w = s * (c - 16)``.
   The kernels split a word in float32, exactly (``f`` < 2**15, so every step is an exact small integer):
   ``t1 = floor(f / 32)``, ``t2 = floor(f / 1024)``, ``c_w = f - 32 t1``, ``c_{w+10} = t1 - 32 t2``,
   ``c_{w+20} = t2`` (no integer ops on lane data: Numba would widen them to int64 lanes).
@@ -41,7 +42,8 @@ from apr_numba.kernels.embed import f16_to_f32
 from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5, Codes
 
 LANES = 64
-Q5_TYPES = (6, 7)  # GGML Q5_0, Q5_1
+Q5_TYPES = (6, 7)  # GGML Q5_0, Q5_1 (raw blocks packed by pack_raw)
+U5_TYPES = Q5_TYPES + (13,)  # types whose 5-bit codes pack() puts in FAMILY_U5 (Q5_K: like Q5_1, an offset per 32)
 U5_WORDS = 11  # 16-bit words per 32-value block in FAMILY_U5
 Q5_LAYOUT_ENV = "APR_NUMBA_Q5_LAYOUT"
 
@@ -137,7 +139,7 @@ def u5_codes(w: np.ndarray) -> np.ndarray:
 
 
 def pack(codes: Codes, q5: str | None = None) -> PackedMatrix:
-    """Interleave decoded codes into a :class:`PackedMatrix` (lossless). Q5_0 / Q5_1 codes (decoded as I8) go
+    """Interleave decoded codes into a :class:`PackedMatrix` (lossless). Q5_0 / Q5_1 / Q5_K codes (decoded as I8) go
     to FAMILY_U5 unless ``q5`` / ``$APR_NUMBA_Q5_LAYOUT`` is ``"i8"`` (:func:`q5_layout`)."""
     rows, cols = codes.codes.shape
     rp = -(-rows // LANES) * LANES
@@ -149,8 +151,8 @@ def pack(codes: Codes, q5: str | None = None) -> PackedMatrix:
     g = codes.group
     nsub = cols // g
     c = codes.codes.reshape(rows, nsub, g)
-    if codes.family == FAMILY_I8 and int(codes.ggml_type) in Q5_TYPES and g == 32 and q5_layout(q5) == "u5":
-        u = c.astype(np.int16) + (16 if codes.offset is None else 0)  # Q5_0: q - 16 -> q; Q5_1: q
+    if codes.family == FAMILY_I8 and int(codes.ggml_type) in U5_TYPES and g == 32 and q5_layout(q5) == "u5":
+        u = c.astype(np.int16) + (16 if codes.offset is None else 0)  # Q5_0: q - 16 -> q; Q5_1, Q5_K: q
         if u.min(initial=0) < 0 or u.max(initial=0) > 31:
             raise ValueError("Q5 codes out of the 0..31 range")
         q = _interleave(u5_words(u), rp)  # (G, nsub, 11, LANES) uint16
