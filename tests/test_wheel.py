@@ -13,11 +13,13 @@ package, byte-equal to the checkout's ``opencl/*.cl`` and ``models/registry.toml
 
 Then, with ``PYTHONPATH`` unset and the working directory a temp folder (nothing of the checkout on the
 path), the installed entry points run: ``apr-numba inspect`` (checked against gguf-py's reader),
-``apr-numba run --backend opencl`` on PoCL (either the OpenCL path ran, or the parity gate's one line says
-why the CPU ran), ``apr-numba run smollm2-135m`` resolved through the packaged registry with
-``$APR_NUMBA_MODELS`` at the checkout's ``models/`` (first token checked against the HF transformers
-fixture), and ``apr-tui --help``. Numba compiles the kernels once for the fresh venv's paths (about a
-minute on two cores) into a temp ``NUMBA_CACHE_DIR``.
+the OpenCL programs built by PoCL from the installed ``.cl`` files (a matvec checked against NumPy),
+``apr-numba run --backend opencl`` on PoCL (the OpenCL path ran, or the parity gate rejected it on the numbers
+and its one line says so; a probe that failed, e.g. on missing sources, fails the test),
+``apr-numba run smollm2-135m`` resolved through the packaged registry with ``$APR_NUMBA_MODELS`` at the
+checkout's ``models/`` (first token checked against the HF transformers fixture), and ``apr-tui --help``.
+Numba compiles the kernels once for the fresh venv's paths (about a minute on two idle cores) into a temp
+``NUMBA_CACHE_DIR``.
 """
 
 from __future__ import annotations
@@ -148,16 +150,47 @@ def _json_line(stdout: str) -> dict:
     return json.loads(lines[0])
 
 
+OPENCL_PROBE = """
+import json, numpy as np, pyopencl as cl
+from gguf import GGMLQuantizationType as T
+from apr_numba.backends.opencl_kernels import Programs, find_device
+info, dev = find_device(None)
+p = Programs(info, dev, head_dim=64)  # builds the ops program from the installed .cl files
+rng = np.random.default_rng(0)
+w = rng.standard_normal((8, 256)).astype(np.float32)
+x = rng.standard_normal(256).astype(np.float32)
+mf = cl.mem_flags
+wb = cl.Buffer(p.ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=w)
+xb = cl.Buffer(p.ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=x)
+yb = cl.Buffer(p.ctx, mf.WRITE_ONLY, 8 * 4)
+p.matvec(int(T.F32), wb, 256, 8, xb, 256, yb, 8, 0, 1)  # builds quants.cl + matvec_f32.cl + get_rows_f32.cl
+y = np.empty(8, np.float32)
+cl.enqueue_copy(p.queue, y, yb)
+p.queue.finish()
+print(json.dumps({"device": info.label(), "y": y.tolist(), "ref": (w.astype(np.float64) @ x).tolist()}))
+"""
+
+
+def test_opencl_kernels_build_from_package(venv):
+    """PoCL builds the installed kernel sources, and a matvec equals NumPy's float64 product."""
+    r = _run([str(venv["py"]), "-c", OPENCL_PROBE], env=venv["env"], cwd=venv["cwd"], timeout=300)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got["y"], got["ref"], rtol=1e-5, atol=1e-4, err_msg=got["device"])
+
+
 def test_run_opencl_pocl(venv):
     r = _cli(venv, "apr-numba", "run", str(SMOLLM), "-p", PROMPT, "-n", "2", "--backend", "opencl", "--json")
     out = _json_line(r.stdout)
     assert out["prompt_token_ids"] == _hf()["prompt_ids_0"].tolist()
     assert len(out["token_ids"]) == 2
-    assert out["backend"] in ("opencl", "cpu")
+    gate = [line for line in r.stderr.splitlines() if PARITY_TAG in line]
     if out["backend"] == "opencl":  # the kernels were built from the installed .cl files and passed the gate
-        assert out["parity"]["passed"] and PARITY_TAG not in r.stderr
-    else:  # rejected: exactly one gate line says why, and the CPU answered
-        assert sum(PARITY_TAG in line for line in r.stderr.splitlines()) == 1, r.stderr
+        assert out["parity"]["passed"] and not gate, r.stderr
+    else:
+        # rejected on the numbers (cosine / argmax vs the CPU), said in exactly one line, and the CPU answered;
+        # a probe that failed (missing kernel sources, an import error) is a broken install, not a rejection
+        assert out["backend"] == "cpu" and len(gate) == 1, r.stderr
+        assert "probe failed" not in gate[0], gate[0]
 
 
 def test_run_registry_name_from_package_data(venv):
