@@ -3,8 +3,9 @@
 Kernel sources are the ``.cl`` files of the repository's top-level ``opencl/`` folder, one op per file
 (ggml-opencl style; see each file's header). They are found next to the package
 (``opencl/`` beside the ``apr_numba`` folder, which is where they are in a source checkout and
-an editable install), else inside the package (``importlib.resources.files("apr_numba") / "opencl"``,
-for a wheel that ships them as package data), else in ``$APR_OPENCL_KERNELS``.
+an editable install), else inside the package (``importlib.resources.files("apr_numba") / "opencl"``:
+a wheel or ``pip install .`` ships them there as the data-only package ``apr_numba.opencl``, mapped from
+the top-level folder by ``setup.py``), else in ``$APR_OPENCL_KERNELS``.
 
 Two kinds of program are built per device and model:
 
@@ -48,7 +49,8 @@ class OpenCLError(AprError):
 
 
 def kernel_dir() -> Path:
-    """The folder holding the ``.cl`` sources (see the module docstring for the search order).
+    """The folder holding the ``.cl`` sources: ``<checkout>/opencl``, else the installed package's
+    ``apr_numba/opencl`` (package data), else ``$APR_OPENCL_KERNELS`` (the module docstring says why).
 
     Raises:
         OpenCLError: no folder with ``matvec_f32.cl`` was found.

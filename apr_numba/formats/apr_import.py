@@ -112,7 +112,12 @@ def import_gguf(src: Path, out: Path, progress: bool = False) -> ImportResult:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, Any]]:
-    """Parse and validate a ``.safetensors`` header.
+    """Parse and validate a ``.safetensors`` header (by hand, not with the ``safetensors`` library:
+    the library (checked with safetensors 0.8) exposes names, dtypes, shapes and ``offset_keys()`` order but
+    not the byte offsets that the zero-copy memory-mapped views need; its ``get_tensor`` copies each tensor into
+    RAM, and its NumPy framework raises ``TypeError: data type 'bfloat16' not understood`` on BF16 tensors; and
+    its header errors name neither the file nor the tensor (``invalid shape, data type, or offset for tensor``).
+    ``tests/test_apr_import.py`` checks the imported bytes against ``safetensors.numpy.load_file``.)
 
     Returns:
         (name -> (dtype, shape, absolute start, absolute end), the ``__metadata__`` object or {}).

