@@ -16,6 +16,7 @@ from apr_numba.arch.spec import ArchSpec
 from apr_numba.arch.stages import DENSE_STAGES, STAGES
 from apr_numba.arch.traits import ARCH_TRAITS
 from apr_numba.backends.cpu_forward import IMPLEMENTS as CPU_IMPLEMENTS
+from apr_numba.backends.reference import IMPLEMENTS as REF_IMPLEMENTS
 from apr_numba.backends.reference import ReferenceModel
 from apr_numba.errors import ModelFormatError
 from apr_numba.formats.gguf_file import GGUFFile
@@ -60,10 +61,11 @@ def test_a_feature_a_backend_lacks_is_refused_by_name(tmp_path):
     p = tmp_path / "m.gguf"
     write_tiny_gguf(p)
     src = GGUFFile(p)
-    spec = ArchSpec.from_metadata(src.metadata, str(p), src.tensors).with_features(layer_window=(4,))
-    assert "sliding_window" not in CPU_IMPLEMENTS
-    with pytest.raises(ModelFormatError, match=r"sliding_window.*cpu backend"):
+    spec = ArchSpec.from_metadata(src.metadata, str(p), src.tensors).with_features(attn_softcap=50.0)
+    assert "attn_softcap" not in CPU_IMPLEMENTS  # Gemma-2's score soft-cap: the reference has it, the CPU not yet
+    with pytest.raises(ModelFormatError, match=r"attn_softcap.*cpu backend"):
         spec.require("cpu", CPU_IMPLEMENTS, str(p))
+    spec.require("reference", REF_IMPLEMENTS, str(p))
     moe = ArchSpec.from_metadata(src.metadata, str(p), src.tensors).with_features(n_expert=4, n_expert_used=2)
     assert moe.block_stages(0)[-3:] == ("moe_router", "moe_ffn_out", "moe_router_indices")
     assert set(moe.block_stages()) <= set(STAGES)
