@@ -7,11 +7,11 @@ n_past..n_past+k-1). A batch costs about one pass over the weights whatever k is
 few tokens behind the backend but still covers every token; the panel says which token it shows.
 
 * ``reference``: :class:`ReferenceShadow`, float64 NumPy (:mod:`apr_numba.backends.reference`'s math and weights,
-  gguf-py dequantization). ReferenceModel.forward re-dequantizes every block on each call (about 10 s for
-  SmolLM2-135M) and has no KV cache, so it cannot run per token. This shadow dequantizes each block once
-  (kept as float64 while the whole model fits :data:`REF_CACHE_BYTES`, else re-dequantized per pass) and
-  adds a float64 KV cache; the block math is reference.py's, step for step (tests/test_tui_engine.py checks
-  it against ``ReferenceModel.forward_traced``). Independent of the Numba kernels and of the packed weights.
+  gguf-py dequantization). ReferenceModel.forward re-dequantizes every block on each call and has no KV cache,
+  so it cannot run per token. This shadow dequantizes one block at a time (keeping the first blocks that fit
+  :data:`REF_CACHE_BYTES`, re-dequantizing the others on each pass) and adds a float64 KV cache; the block
+  math is reference.py's, step for step (tests/test_tui_engine.py checks it against
+  ``ReferenceModel.forward_traced``). Independent of the Numba kernels and of the packed weights.
 * ``cpu``: :class:`CpuShadow`, the Numba CPU forward of the same model (same packed weights) on its own
   CPU KV cache. Against the OpenCL backend it is an independent implementation; against the CPU backend it
   compares the per-token decode path with the batched (prefill-tile) path of the same kernels, a
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-REF_CACHE_BYTES = int(os.environ.get("APR_TUI_REF_CACHE_MB", "3072")) * 2**20
+REF_CACHE_BYTES = int(os.environ.get("APR_TUI_REF_CACHE_MB", "128")) * 2**20  # default float64 weight budget
 SHADOWS = ("reference", "cpu", "opencl", "off")
 
 
@@ -52,23 +52,30 @@ def layer_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class ReferenceShadow:
-    """float64 NumPy forward with a KV cache, fed in chunks (see the module docstring)."""
+    """float64 NumPy forward with a KV cache, fed in chunks (see the module docstring).
+
+    Args:
+        model: the loaded apr_numba Model (its open source and config are shared, nothing is re-parsed).
+        budget_bytes: float64 block weights kept between passes (the first blocks that fit); the others are
+            dequantized again on each pass and their file pages released after, so the shadow's memory is
+            O(budget + one block + its KV cache), whatever the model size.
+    """
 
     kind = "reference"
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, budget_bytes: int | None = None) -> None:
         self.model = model
         self.config = model.config
+        self.budget = REF_CACHE_BYTES if budget_bytes is None else int(budget_bytes)
         self.label = "backend vs float64 NumPy reference (own KV cache)"
         self.ref = None
         self._blocks: dict[int, dict[str, np.ndarray]] = {}
-        self._keep = True
+        self._kept_bytes = 0
         self.n_past = 0
         self._k = self._v = None  # float64 (n_layer, capacity, n_head_kv, head_dim)
 
     def prepare(self, progress=None) -> None:
-        """Open the reference over the model's source and dequantize every block once (progress(done, total)
-        after each block)."""
+        """Open the reference over the model's source (cheap: no weight is dequantized until a pass needs it)."""
         from apr_numba.debug.tracing import reference_model, single_thread_blas
 
         try:
@@ -76,31 +83,28 @@ class ReferenceShadow:
         except Exception as exc:  # noqa: BLE001 - e.g. a format the reference cannot read
             raise ShadowUnavailable(f"reference unavailable for {Path(self.model.path).name}: {exc}") from None
         self._blas = single_thread_blas()
-        c = self.config
-        self._keep = self._float64_bytes() <= REF_CACHE_BYTES
-        if not self._keep:
-            self.label += ", weights re-dequantized per pass"
-            return
-        for il in range(c.n_layer):
-            with self._blas:
-                self._block(il)
-            if progress is not None:
-                progress(il + 1, c.n_layer)
-
-    def _float64_bytes(self) -> int:
-        n = sum(int(np.prod(t.shape)) for name, t in self.ref.tensors.items() if name.startswith("blk."))
-        return 8 * n
 
     def _block(self, il: int) -> dict[str, np.ndarray]:
+        """Block il's float64 weights: kept ones from memory, else dequantized now (kept if the budget allows)."""
         w = self._blocks.get(il)
         if w is None:
             w = self.ref.load_block(il)
-            if self._keep:
+            n = sum(a.nbytes for a in w.values())
+            if self._kept_bytes + n <= self.budget:
                 self._blocks[il] = w
+                self._kept_bytes += n
+            release = getattr(self.model.source, "release_tensor", None)
+            if release is not None:  # the raw pages read for the dequantization leave the resident set
+                for name in w:
+                    release(f"blk.{il}.{name}")
         return w
 
     def reset(self) -> None:
         self.n_past = 0
+
+    def rewind(self, n_past: int) -> None:
+        """Forget positions from ``n_past`` on (the backend overwrote them)."""
+        self.n_past = min(self.n_past, int(n_past))
 
     def _grow(self, need: int) -> None:
         c = self.config
@@ -114,21 +118,22 @@ class ReferenceShadow:
             k[:, :cap], v[:, :cap] = self._k, self._v
         self._k, self._v = k, v
 
-    def advance(self, ids, n_layers: int | None = None) -> np.ndarray:
+    def advance(self, ids, n_layers: int | None = None, pause=None) -> np.ndarray:
         """Append ``ids`` (k,) at positions n_past.. and return each block's output float64 (n_layer, k, D).
 
-        ``n_layers`` runs only the first blocks (tests); the cache then holds only theirs. NumPy's OpenBLAS
-        runs on one thread during the pass: beside Numba kernels that use every core, its threads only spin
-        (a small gemv was 50x slower with them on 2 shared cores).
+        ``n_layers`` runs only the first blocks (tests); the cache then holds only theirs. ``pause()`` is
+        called before each block (the trail waits there while a generation runs). NumPy's OpenBLAS runs on
+        one thread during the pass: beside Numba kernels that use every core, its threads only spin (a small
+        gemv was 50x slower with them on 2 shared cores).
         """
         if self.ref is None:
             self.prepare()
         from apr_numba.debug.tracing import single_thread_blas
 
         with getattr(self, "_blas", None) or single_thread_blas():
-            return self._advance(ids, n_layers)
+            return self._advance(ids, n_layers, pause)
 
-    def _advance(self, ids, n_layers: int | None) -> np.ndarray:
+    def _advance(self, ids, n_layers: int | None, pause) -> np.ndarray:
         ids = np.asarray(ids, np.int64).reshape(-1)
         c = self.config
         t, p0 = ids.size, self.n_past
@@ -137,6 +142,8 @@ class ReferenceShadow:
         out = np.empty((n, t, c.n_embd))
         x = self.ref.token_embd(ids)  # (t, D) float64
         for il in range(n):
+            if pause is not None:
+                pause()
             x = self._block_kv(il, self._block(il), x, p0)
             out[il] = x
         self.n_past = p0 + t
@@ -197,7 +204,10 @@ class CpuShadow:
     def reset(self) -> None:
         self.state.n_past = 0
 
-    def advance(self, ids) -> np.ndarray:
+    def rewind(self, n_past: int) -> None:
+        self.state.n_past = min(self.state.n_past, int(n_past))
+
+    def advance(self, ids, pause=None) -> np.ndarray:
         _, cap = self.model.eval(ids, n_logits=0, capture_layers=True, state=self.state)
         return cap
 
@@ -232,7 +242,11 @@ class OpenCLShadow:
         if self.state is not None:
             self.state.n_past = 0
 
-    def advance(self, ids) -> np.ndarray:
+    def rewind(self, n_past: int) -> None:
+        if self.state is not None:
+            self.state.n_past = min(self.state.n_past, int(n_past))
+
+    def advance(self, ids, pause=None) -> np.ndarray:
         if self.be is None:
             self.prepare()
         c = self.model.config
@@ -243,7 +257,7 @@ class OpenCLShadow:
         return cap
 
 
-def make_shadow(kind: str, model):
+def make_shadow(kind: str, model, budget_bytes: int | None = None):
     """The shadow named ``kind`` for ``model``, or None for "off".
 
     Raises:
@@ -252,7 +266,7 @@ def make_shadow(kind: str, model):
     if kind == "off":
         return None
     if kind == "reference":
-        return ReferenceShadow(model)
+        return ReferenceShadow(model, budget_bytes)
     if kind == "cpu":
         return CpuShadow(model)
     if kind == "opencl":
