@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tui.engine import SESSION_SCHEMA, Jobs
-from tui.events import Parity, Token, gate_row
+from tui.events import Done, Parity, ShadowProgress, Token, gate_row
 from tui.fake import FakeEngine
 from tui.shadow import ReferenceShadow, layer_cosines
 from tui.widgets import cos_cell, fmt_measure, fmt_threshold
@@ -122,7 +122,9 @@ def test_fake_engine_replays_the_recording():
     for e in rows:  # emitted after the token that took the recorded backend past position + lag
         i = sum(1 for x in events[:events.index(e)] if isinstance(x, Token)) - 1
         assert n_prompt + i >= e.position + 1 + e.lag
-    assert events[-1].result["text"] == gen["text"]
+    done = [e for e in events if isinstance(e, Done)]
+    assert len(done) == 1 and done[0].result["text"] == gen["text"]
+    assert isinstance(events[-1], ShadowProgress) and events[-1].position == gen["parity"][-1]["position"] + 1
 
 
 def test_fake_engine_pause_and_cancel():
@@ -134,4 +136,4 @@ def test_fake_engine_pause_and_cancel():
     assert sum(isinstance(e, Token) for e in events) == 5
     stop.set()
     th.join(5)
-    assert events[-1].result["stop_reason"] == "cancelled"
+    assert [e for e in events if isinstance(e, Done)][0].result["stop_reason"] == "cancelled"

@@ -241,6 +241,9 @@ class Dashboard(App):
 
     @work(thread=True, exclusive=True, group="l1", exit_on_error=False)
     def run_l1(self) -> None:
+        wait = getattr(self.engine, "trail", None)
+        if wait is not None and not wait.wait_idle(self._cancelled()):  # a measurement: in idle time only
+            return
         self.engine.measure_l1(self._emit)
 
     @work(thread=True, exclusive=True, group="bisect", exit_on_error=False)
@@ -269,7 +272,7 @@ class Dashboard(App):
         self.note = f"loaded in {info.load_s:.1f} s: type a prompt, Enter sends; Esc then ? lists the keys"
         self.run_shadow()
         if not self.engine.replay:
-            self.query_one(L1Gauge).show(None, "measuring ...")
+            self.query_one(L1Gauge).show(None, "measures when idle ...")
             self.run_l1()
         if self.send_when_loaded:
             self.action_generate()
