@@ -22,21 +22,21 @@ SESSION = Path(__file__).parent / "fixtures" / "tui_session.json"
 
 
 def test_reference_shadow_matches_reference_in_chunks(loaded_model):
-    """Fed in chunks through its KV cache, the shadow's block outputs equal the reference's full-sequence
-    forward (same float64 math) for the first blocks."""
-    from apr_numba.debug.tracing import reference_model
-
+    """Fed in chunks through its KV cache, with a rewind, the shadow's block outputs equal the reference's
+    full-sequence forward (``forward_traced``, no KV cache) for every block."""
     m = loaded_model("smollm2-135m")
     ids = m.encode("The three primary colors are red, yellow and")
-    sh = ReferenceShadow(m)
-    sh.ref = reference_model(m)
-    parts = [sh.advance(ids[:3], n_layers=2), sh.advance(ids[3:4], n_layers=2), sh.advance(ids[4:], n_layers=2)]
-    got = np.concatenate(parts, axis=1)  # (2, T, D)
-    want = sh.ref.forward_traced(ids, layers=[0, 1], whole_model=False)
-    for il in (0, 1):
+    sh = ReferenceShadow(m, budget_bytes=0)
+    parts = [sh.advance(ids[:3]), sh.advance(ids[3:4]), sh.advance(ids[4:])]
+    got = np.concatenate(parts, axis=1)  # (L, T, D)
+    layers = [0, 1, m.config.n_layer - 1]
+    want = sh.ref.forward_traced(ids, layers=layers, whole_model=False)
+    for il in layers:
         np.testing.assert_allclose(got[il], want[(il, "post_ffn_residual")], rtol=0, atol=1e-9)
-    sh.reset()
-    np.testing.assert_allclose(sh.advance(ids[:2], n_layers=1)[0], want[(0, "post_ffn_residual")][:2], atol=1e-9)
+    sh.rewind(2)  # a new turn keeping the first two positions
+    again = sh.advance(ids[2:5])
+    np.testing.assert_allclose(again[0], want[(0, "post_ffn_residual")][2:5], atol=1e-9)
+    assert sh.n_past == 5
 
 
 def test_layer_cosines():
