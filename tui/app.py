@@ -112,6 +112,7 @@ class Dashboard(App):
         self.shadow_progress = None  # the latest ShadowProgress
         self._reset_view("")
         self._dirty: set[str] = set()
+        self._tick = 0
 
     # -- layout ----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -171,7 +172,11 @@ class Dashboard(App):
         self._dirty.update(panels)
 
     def flush(self) -> None:
-        """Redraw the panels whose data changed since the last flush."""
+        """Redraw the panels whose data changed since the last flush (every other tick while generating: the
+        redraw's Python holds the GIL that the generation thread needs between kernels)."""
+        self._tick += 1
+        if self.generating and self._tick % 2:
+            return
         dirty, self._dirty = self._dirty, set()
         if "output" in dirty:
             note = ""

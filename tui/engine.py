@@ -446,7 +446,8 @@ class Engine:
         except ImportError:
             emit(L1Reading(None, "", "apr_numba.gates.l1proxy is not available in this build"))
             return None
-        r = model_proxy(self.model.weights)
+        with self.jobs.job("L1 proxy", False), self.trail.foreground():  # never beside a generation
+            r = model_proxy(self.model.weights)
         kernels = r.details.get("per_kernel", {})
         worst = max(kernels.items(), key=lambda kv: kv[1]["load_miss_rate"]) if kernels else None
         detail = f"footprint {r.footprint_bytes / 1024:.1f} KiB"
