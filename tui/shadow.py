@@ -70,9 +70,8 @@ class ReferenceShadow:
 
     def prepare(self, progress=None) -> None:
         """Open the reference over the model's source (cheap: weights are dequantized as passes need them)."""
-        from apr_numba.debug.tracing import single_thread_blas
-
         from apr_numba.backends.reference import ReferenceModel
+        from apr_numba.debug.tracing import single_thread_blas
 
         try:
             self.ref = ReferenceModel.from_source(self.model.source, self.model.spec, budget_bytes=self.budget)
