@@ -3,7 +3,8 @@
     .venv/bin/python -m tui.screenshots docs/
 
 Types the prompt, generates, waits for the trailing shadow to catch up and the fast gates to measure (idle
-time), saves the screen at 120x40 and 80x24, bisects the prompt and saves that screen too. Every number on them was measured during the run.
+time), saves the screen at 120x40 and 80x24, bisects the prompt and saves that screen too. Every number on
+them was measured during the run.
 """
 
 from __future__ import annotations
