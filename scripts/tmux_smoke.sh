@@ -2,7 +2,8 @@
 # Drive the real dashboard in a real terminal (tmux) as a user would: start `apr-tui` with no -p (the prompt box
 # has the focus and is empty), type a prompt and press Enter while it loads or after, wait until the generated
 # text, the engine's tok/s, the per-layer cosine cells and the gate ids are on screen, then Escape and q quit.
-# With CHAT=1 it holds a two-turn conversation instead ("My name is Ada." then "What is my name?") and checks
+# With CHAT=1 it holds a two-turn conversation instead on qwen2.5-coder-0.5b-instruct, greedy ("My name is Ada."
+# then "What is my name?"; smollm2-135m answers with another name) and checks
 # that the second answer uses the first and that turn two prefilled only its new tokens.
 # Exit 0 when all checks hold; the screens are left in OUT_DIR (screen-final.txt, screen-turn1.txt).
 #
@@ -15,7 +16,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 APR_TUI=${APR_TUI:-$ROOT/.venv/bin/apr-tui}
 CHAT=${CHAT:-0}
 if [[ $CHAT == 1 ]]; then
-    APR_TUI_ARGS=${APR_TUI_ARGS:-"smollm2-135m --chat --no-gates -n 40 --n-ctx 512"}
+    # smollm2-135m answers "My name is Elena" (greedy); the 0.5B instruct model keeps the conversation
+    APR_TUI_ARGS=${APR_TUI_ARGS:-"qwen2.5-coder-0.5b --chat --no-gates -n 30 --n-ctx 512"}
 else
     APR_TUI_ARGS=${APR_TUI_ARGS:-"smollm2-135m -n 40 --n-ctx 512"}
 fi
@@ -91,7 +93,8 @@ if [[ $CHAT == 1 ]]; then
     keys Enter
     second() { [[ $(grep -c "done: " "$SCREEN") -ge 1 ]] && grep -q "reused from the KV cache" "$SCREEN"; }
     wait_for "turn two finished" second
-    check "the second answer names Ada" grep -Eq "model: .*Ada" "$SCREEN"
+    after_q2() { awk '/you: What is my name\?/{f=1} f' "$SCREEN" | grep -q "Ada"; }
+    check "the second answer names Ada" after_q2
     check "turn two prefilled only its new tokens" grep -Eq "prefilled [0-9]+ new tokens, [0-9]+ reused" "$SCREEN"
 else
     type_text "$PROMPT"  # the model may still be loading: the box takes the keys, Enter sends once it is ready

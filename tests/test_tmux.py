@@ -44,7 +44,8 @@ def test_dashboard_under_tmux(tmp_path):
 
 @pytest.mark.slow
 def test_two_turn_chat_under_tmux(tmp_path):
-    """smollm2-135m-Instruct, greedy: "My name is Ada." then "What is my name?"; the second answer names Ada
+    """qwen2.5-coder-0.5b-instruct, greedy (smollm2-135m answers "My name is Elena"): "My name is Ada." then
+    "What is my name?"; the second answer names Ada
     and turn two prefilled only its new tokens (the rest came from the KV cache of turn one)."""
     screen = smoke(tmp_path, CHAT="1")
     m = re.search(r"prefilled (\d+) new tokens, (\d+) reused", screen)

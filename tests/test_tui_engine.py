@@ -33,8 +33,10 @@ def test_reference_shadow_matches_reference_in_chunks(loaded_model):
     want = sh.ref.forward_traced(ids, layers=layers, whole_model=False)
     for il in layers:
         np.testing.assert_allclose(got[il], want[(il, "post_ffn_residual")], rtol=0, atol=1e-9)
-    sh.rewind(2)  # a new turn keeping the first two positions
-    again = sh.advance(ids[2:5])
+    sh.rewind(2)  # a new turn keeping the first two positions; the trail's pass (a pause point per block)
+    paused = []
+    again = sh.advance(ids[2:5], pause=lambda: paused.append(1))
+    assert len(paused) == m.config.n_layer
     np.testing.assert_allclose(again[0], want[(0, "post_ffn_residual")][2:5], atol=1e-9)
     assert sh.n_past == 5
 

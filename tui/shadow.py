@@ -97,15 +97,37 @@ class ReferenceShadow:
     def advance(self, ids, pause=None) -> np.ndarray:
         """Append ``ids`` (k,) at positions n_past.. and return each block's output float64 (n_layer, k, D).
 
-        ``pause`` is accepted for the trail's interface; a pass is one ``ReferenceModel.eval`` call. NumPy's
+        ``ReferenceModel.eval``'s pass, block by block through the reference's public ``block(..., past=)``
+        and ``last_kv`` (all math stays in reference.py), with ``pause()`` called before each block: the trail
+        waits there while a generation runs, so a pass in flight yields the CPU within one block. NumPy's
         OpenBLAS runs on one thread during the pass: beside Numba kernels that use every core, its threads only
         spin (a small gemv was 50x slower with them on 2 shared cores).
         """
         if self.ref is None:
             self.prepare()
+        ref, st = self.ref, self.state
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if pause is None:
+            with self._blas:
+                return ref.eval(ids, st, n_logits=0, capture_layers=True)[1]
+        if st.n_past + ids.size > st.n_ctx:
+            raise ValueError(f"{st.n_past + ids.size} positions exceed the shadow's context of {st.n_ctx}")
+        n_layer = ref.config.n_layer
+        positions = np.arange(st.n_past, st.n_past + ids.size)
+        out = np.empty((n_layer, ids.size, ref.config.n_embd))
         with self._blas:
-            _, out = self.ref.eval(np.asarray(ids, np.int64).reshape(-1), self.state, n_logits=0,
-                                   capture_layers=True)
+            x = ref.token_embd(ids)
+            for il in range(n_layer):
+                pause()
+                past = (st.k[il], st.v[il]) if il < len(st.k) else None
+                x = out[il] = ref.block(ref.load_block(il), x, positions, layer=il, past=past)
+                k, v = ref.last_kv
+                if il < len(st.k):
+                    st.k[il], st.v[il] = k, v
+                else:
+                    st.k.append(k)
+                    st.v.append(v)
+        st.n_past += ids.size
         return out
 
 

@@ -1,6 +1,8 @@
 """The shadow trails the backend: the backend queues each step's token ids and block outputs and never waits; the
-shadow works through the queue only while no generation or gate runs (idle time), at the lowest CPU priority,
-and catches up after. Nothing here imports textual.
+shadow works through the queue only while no generation or gate runs (idle time) and catches up after; a pass
+in flight stops between blocks as soon as a generation starts. (The thread is not niced: a nice-19 thread that
+holds the GIL when it is descheduled stalls the generation thread, which needs the GIL between kernels.)
+Nothing here imports textual.
 
 Queue rules (:meth:`Trail.push`): steps are kept in position order; a step that starts at or before queued
 positions (a new turn that reuses a prefix of the KV cache, a fresh sequence) supersedes them, because the
@@ -24,14 +26,6 @@ from tui.events import Failed, Parity, ShadowProgress
 
 PENDING_BYTES = int(os.environ.get("APR_TUI_PENDING_MB", "256")) * 2**20
 CHUNK = 32  # most positions per shadow pass (a pass also pauses between layers when a generation starts)
-
-
-def lower_priority() -> None:
-    """Give the calling thread the lowest CPU priority (Linux nice is per thread: ``setpriority`` on its TID)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux / not permitted: stays at normal priority
-        pass
 
 
 @dataclass
@@ -140,7 +134,6 @@ class Trail:
         compared position and a :class:`ShadowProgress` after each pass."""
         from tui.shadow import layer_cosines
 
-        lower_priority()
         while not cancelled():
             steps = self._take(cancelled)
             if steps is None:
