@@ -34,8 +34,8 @@ def smoke(tmp_path: Path, **env) -> str:
 @pytest.mark.slow
 def test_dashboard_under_tmux(tmp_path):
     screen = smoke(tmp_path)
-    out = screen.split("╭─ output")[1].split("╰")[0]
-    generated = out.split("Write two sentences about lighthouses.", 1)[1]
+    left = "\n".join(line.split("││")[0].split("│╭")[0].split("│╰")[0] for line in screen.splitlines())
+    generated = left.rsplit("Write two sentences about lighthouses.", 1)[1].split("tokens, stop=")[0]  # output
     assert re.search(r"lighthouse|beacon|ship|coast|sea", generated, re.I), generated  # text about the prompt
     assert re.search(r"decode \d+\.\d tok/s", screen) and re.search(r"shadow (\d+\.\d|-) tok/s", screen)
     assert re.search(r"position \d+ \(token \d+", screen) and "0│1-" in screen
