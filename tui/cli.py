@@ -7,7 +7,7 @@ import sys
 
 from textual.theme import BUILTIN_THEMES
 
-DEFAULT_MODEL = "smollm2-135m"
+from apr_numba.hub.registry import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
