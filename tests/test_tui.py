@@ -57,8 +57,7 @@ async def _generate_stop_bisect_save_quit(tmp_path):
         await wait_for(engine.shadow_ready.is_set)
 
         # type a prompt and generate
-        await pilot.press("i")  # edit the prompt (keys are commands until then)
-        assert isinstance(app.focused, PromptArea)
+        assert isinstance(app.focused, PromptArea)  # the prompt box has the focus from the start
         await pilot.press(*"Once upon a time", "ctrl+j", *"there was")
         assert app.query_one(PromptArea).text == "Once upon a time\nthere was"
         await pilot.press("enter")
@@ -81,7 +80,7 @@ async def _generate_stop_bisect_save_quit(tmp_path):
         lat = []
         for i in range(10):
             assert app.generating
-            lat.append(await key_latency(app, "c", " chat " if i % 2 == 0 else " text "))
+            lat.append(await key_latency(app, "ctrl+t", " chat " if i % 2 == 0 else " text "))
             await asyncio.sleep(0.05)
         print(f"key-to-screen latency during generation: median {statistics.median(lat) * 1e3:.1f} ms, "
               f"max {max(lat) * 1e3:.1f} ms")
@@ -100,7 +99,7 @@ async def _generate_stop_bisect_save_quit(tmp_path):
             screen_text(app.query_one("#output-text"))
 
         # bisect the last prompt against the shadow
-        await pilot.press("b")
+        await pilot.press("ctrl+r")
         await wait_for(lambda: app.last_bisect is not None, timeout=240)
         assert app.last_bisect.b == "reference"
         assert "no divergence" in app.last_bisect.summary or "first divergence" in app.last_bisect.summary
@@ -108,7 +107,7 @@ async def _generate_stop_bisect_save_quit(tmp_path):
         assert app.last_bisect.summary[:40] in app.query_one(StatusLine).rendered[1]
 
         # save the session
-        await pilot.press("s")
+        await pilot.press("ctrl+s")
         await wait_for(lambda: app.last_save is not None, timeout=10)
         saved = json.loads(app.last_save.read_text())
         assert saved["schema"] == SESSION_SCHEMA
@@ -118,10 +117,10 @@ async def _generate_stop_bisect_save_quit(tmp_path):
         assert saved["bisects"] and saved["model"]["n_layer"] == 30
 
         # help, then quit
-        await pilot.press("question_mark")
+        await pilot.press("f1")
         await pilot.pause()
         assert app.screen.__class__.__name__ == "HelpScreen"
-        await pilot.press("escape")
+        await pilot.press("escape", "escape")  # close the help, leave the prompt box
         await pilot.press("q")
         await pilot.pause()
     assert not app.is_running

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tui.engine import SESSION_SCHEMA, Jobs
-from tui.events import Parity, Token, gate_row
+from tui.events import Done, Parity, ShadowProgress, Token, gate_row
 from tui.fake import FakeEngine
 from tui.shadow import ReferenceShadow, layer_cosines
 from tui.widgets import cos_cell, fmt_measure, fmt_threshold
@@ -22,21 +22,23 @@ SESSION = Path(__file__).parent / "fixtures" / "tui_session.json"
 
 
 def test_reference_shadow_matches_reference_in_chunks(loaded_model):
-    """Fed in chunks through its KV cache, the shadow's block outputs equal the reference's full-sequence
-    forward (same float64 math) for the first blocks."""
-    from apr_numba.debug.tracing import reference_model
-
+    """Fed in chunks through its KV cache, with a rewind, the shadow's block outputs equal the reference's
+    full-sequence forward (``forward_traced``, no KV cache) for every block."""
     m = loaded_model("smollm2-135m")
     ids = m.encode("The three primary colors are red, yellow and")
-    sh = ReferenceShadow(m)
-    sh.ref = reference_model(m)
-    parts = [sh.advance(ids[:3], n_layers=2), sh.advance(ids[3:4], n_layers=2), sh.advance(ids[4:], n_layers=2)]
-    got = np.concatenate(parts, axis=1)  # (2, T, D)
-    want = sh.ref.forward_traced(ids, layers=[0, 1], whole_model=False)
-    for il in (0, 1):
+    sh = ReferenceShadow(m, budget_bytes=0)
+    parts = [sh.advance(ids[:3]), sh.advance(ids[3:4]), sh.advance(ids[4:])]
+    got = np.concatenate(parts, axis=1)  # (L, T, D)
+    layers = [0, 1, m.config.n_layer - 1]
+    want = sh.ref.forward_traced(ids, layers=layers, whole_model=False)
+    for il in layers:
         np.testing.assert_allclose(got[il], want[(il, "post_ffn_residual")], rtol=0, atol=1e-9)
-    sh.reset()
-    np.testing.assert_allclose(sh.advance(ids[:2], n_layers=1)[0], want[(0, "post_ffn_residual")][:2], atol=1e-9)
+    sh.rewind(2)  # a new turn keeping the first two positions; the trail's pass (a pause point per block)
+    paused = []
+    again = sh.advance(ids[2:5], pause=lambda: paused.append(1))
+    assert len(paused) == m.config.n_layer
+    np.testing.assert_allclose(again[0], want[(0, "post_ffn_residual")][2:5], atol=1e-9)
+    assert sh.n_past == 5
 
 
 def test_layer_cosines():
@@ -122,7 +124,9 @@ def test_fake_engine_replays_the_recording():
     for e in rows:  # emitted after the token that took the recorded backend past position + lag
         i = sum(1 for x in events[:events.index(e)] if isinstance(x, Token)) - 1
         assert n_prompt + i >= e.position + 1 + e.lag
-    assert events[-1].result["text"] == gen["text"]
+    done = [e for e in events if isinstance(e, Done)]
+    assert len(done) == 1 and done[0].result["text"] == gen["text"]
+    assert isinstance(events[-1], ShadowProgress) and events[-1].position == gen["parity"][-1]["position"] + 1
 
 
 def test_fake_engine_pause_and_cancel():
@@ -134,4 +138,4 @@ def test_fake_engine_pause_and_cancel():
     assert sum(isinstance(e, Token) for e in events) == 5
     stop.set()
     th.join(5)
-    assert events[-1].result["stop_reason"] == "cancelled"
+    assert [e for e in events if isinstance(e, Done)][0].result["stop_reason"] == "cancelled"

@@ -69,15 +69,15 @@ def test_replay_keys_and_mouse():
             await pilot.pause()
             assert any(n.message.startswith("layer 2, position") for n in app._notifications)
             assert cells.parity.cosines[2] > 0.999
-            await pilot.press("c")
+            await pilot.press("ctrl+t")
             assert app.chat
-            await pilot.press("c")
-            await pilot.press("i", "ctrl+j", "x")
+            await pilot.press("ctrl+t")
+            await pilot.press("ctrl+j", "x")
             area = app.query_one("#prompt")
             assert area.text.endswith("\nx")
             await pilot.press("up", "up")  # history: the prompt generated from
             assert area.text == json.loads(SESSION.read_text())["generations"][-1]["prompt"]
-            await pilot.press("escape", "question_mark")
+            await pilot.press("escape", "question_mark")  # out of the box, ? is the help key
             assert app.screen.__class__.__name__ == "HelpScreen"
             await pilot.press("escape", "q")
         assert not app.is_running

@@ -8,7 +8,6 @@ second, so a fast token stream never floods the screen and keys stay responsive.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -25,10 +24,20 @@ from textual.widgets import Footer, Header, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from tui import messages as M
-from tui.widgets import GatesPanel, HelpScreen, L1Gauge, LayerCells, ModelPanel, OutputView, PromptArea, SpeedPanel
+from tui.history import HistoryPanel
+from tui.widgets import (
+    GatesPanel,
+    HelpScreen,
+    L1Gauge,
+    LayerCells,
+    ModelPanel,
+    OutputView,
+    PromptArea,
+    SpeedPanel,
+    display_name,
+)
 
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_PROMPT = "The three primary colors are"
+EXAMPLE_PROMPT = "e.g. Explain what a KV cache is, in one sentence."  # the empty prompt box's placeholder
 
 
 class StatusLine(Static):
@@ -46,33 +55,49 @@ class Dashboard(App):
 
     Args:
         engine: a :class:`tui.engine.Engine` (or :class:`tui.fake.FakeEngine`), not yet loaded.
-        max_tokens: most tokens per generation. prompt: initial prompt text. chat: start in chat mode.
-        gates_at_start: run the fast gates once the model is loaded. save_dir: where ``s`` writes.
-        refresh_hz: most redraws per second of the streaming panels.
+        max_tokens: most tokens per generation. prompt: initial prompt text ("" = empty box with a
+        placeholder). chat: start in chat mode. gates_at_start: measure the fast gates once the model is loaded,
+        in idle time (they wait for generations and for the shadow to catch up). save_dir: where Save writes.
+        refresh_hz: most redraws per second of the streaming panels. theme: a Textual theme name.
+
+    Keys: the prompt box has the focus and takes every printable key; Enter sends, Escape leaves it (or stops
+    a generation), after which single letters are commands; ctrl+ shortcuts work everywhere.
     """
 
     CSS_PATH = "app.tcss"
     TITLE = "apr-tui"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
     BINDINGS = [
-        Binding("enter", "generate", "Generate"),
-        Binding("escape", "stop", "Stop"),
-        Binding("i", "focus_prompt", "Prompt"),
-        Binding("c", "toggle_chat", "Chat"),
-        Binding("b", "bisect", "Bisect"),
-        Binding("g", "gates", "Gates"),
-        Binding("s", "save", "Save"),
-        Binding("q", "quit", "Quit"),
-        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("escape", "escape", "Stop/keys", key_display="esc"),
+        Binding("ctrl+t", "toggle_chat", "Chat"),
+        Binding("ctrl+n", "new_chat", "New"),
+        Binding("ctrl+g", "gates", "Gates"),
+        Binding("ctrl+r", "bisect", "Bisect"),
+        Binding("ctrl+s", "save", "Save"),
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+        # single letters: only reach the app when the prompt box does not have the focus (it types them)
+        Binding("enter", "generate", "Generate", show=False),
+        Binding("i", "focus_prompt", "Prompt", show=False),
+        Binding("c", "toggle_chat", "Chat", show=False),
+        Binding("n", "new_chat", "New", show=False),
+        Binding("b", "bisect", "Bisect", show=False),
+        Binding("g", "gates", "Gates", show=False),
+        Binding("s", "save", "Save", show=False),
+        Binding("q", "quit", "Quit", show=False),
+        Binding("question_mark", "help", "Help", key_display="?", show=False),
     ]
 
     generating = reactive(False)
     chat = reactive(False)
     note = reactive("loading the model ...")
 
-    def __init__(self, engine, max_tokens: int = 256, prompt: str = DEFAULT_PROMPT, chat: bool = False,
-                 gates_at_start: bool = True, save_dir: str | os.PathLike = ".", refresh_hz: float = 20.0):
+    def __init__(self, engine, max_tokens: int = 256, prompt: str = "", chat: bool = False,
+                 gates_at_start: bool = True, save_dir: str | os.PathLike = ".", refresh_hz: float = 20.0,
+                 theme: str | None = None):
         super().__init__()
+        if theme:
+            self.theme = theme
         self.engine = engine
         self.max_tokens, self.initial_prompt, self.gates_at_start = max_tokens, prompt, gates_at_start
         self.save_dir, self.refresh_hz = Path(save_dir), refresh_hz
@@ -81,34 +106,41 @@ class Dashboard(App):
         self.last_save: Path | None = None
         self.last_bisect = None
         self.failures: list = []
+        self.transcript = ""  # the chat's earlier turns, as shown
+        self.gen_chat = False  # the running / last generation was a chat turn
+        self.send_when_loaded = False  # Enter was pressed while loading
+        self.shadow_progress = None  # the latest ShadowProgress
         self._reset_view("")
         self._dirty: set[str] = set()
+        self._tick = 0
 
     # -- layout ----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="◆")
         with Horizontal(id="main"):
             with Vertical(id="left"):
-                yield PromptArea(text=self.initial_prompt, id="prompt")
+                yield PromptArea(text=self.initial_prompt, placeholder=EXAMPLE_PROMPT, id="prompt")
                 yield OutputView(id="output")
                 yield LayerCells(id="cells")
+                yield HistoryPanel(id="history")
             with Vertical(id="right"):
                 yield ModelPanel("loading ...", id="model")
                 yield SpeedPanel(id="speed")
                 yield L1Gauge(id="l1")
                 yield GatesPanel(id="gates")
         yield StatusLine(id="status")
-        yield Footer()
+        yield Footer(show_command_palette=False, compact=True)
 
     def on_mount(self) -> None:
-        self.query_one("#prompt").border_title = "prompt (i edit, Enter generate, ctrl+j new line, ↑↓ history)"
+        self.query_one("#prompt").border_title = "prompt: Enter sends · ctrl+j new line · ↑↓ history · Esc, then keys"
         self.query_one("#output").border_title = "output"
         self.query_one("#model").border_title = "model & machine"
         self.query_one("#speed").border_title = "speed"
         self.query_one("#l1").border_title = "L1-miss proxy (WS-002)"
         self.query_one("#gates").border_title = "gates"
         self.query_one("#cells", LayerCells).border_title = "per-layer cosine (post_ffn_residual)"
-        self.query_one(OutputView).focus()  # keys are commands until i (or a click) edits the prompt
+        self.query_one("#history").border_title = "cosine history over the generated tokens (1 − cos)"
+        self.action_focus_prompt()  # typing goes to the prompt from the start; Escape leaves it
         self.sub_title = getattr(self.engine, "spec", "") or ""
         self.set_interval(1 / self.refresh_hz, self.flush)
         self._update_status()
@@ -119,7 +151,7 @@ class Dashboard(App):
         cells = self.query_one("#cells")
         cells.set_class(compact, "compact")
         cells.set_class(not compact, "legend")
-        for panel in (ModelPanel, SpeedPanel, L1Gauge, GatesPanel):
+        for panel in (ModelPanel, SpeedPanel, L1Gauge, GatesPanel, HistoryPanel):
             self.query_one(panel).set_compact(compact)
 
     # -- view state and the throttled redraw -----------------------------------------------------
@@ -130,6 +162,8 @@ class Dashboard(App):
         self.n_generated = 0
         self.rates: list[float] = []
         self.parity = None
+        self.n_prompt: int | None = None  # positions before the first generated token (from its n_past)
+        self.cos_history: dict[int, list[float]] = {}  # generated token index -> per-layer cosines
         self.prefill = self.ttft = self.decode = None
         self.kv = None
         self.result: dict | None = None
@@ -138,7 +172,11 @@ class Dashboard(App):
         self._dirty.update(panels)
 
     def flush(self) -> None:
-        """Redraw the panels whose data changed since the last flush."""
+        """Redraw the panels whose data changed since the last flush (every other tick while generating: the
+        redraw's Python holds the GIL that the generation thread needs between kernels)."""
+        self._tick += 1
+        if self.generating and self._tick % 2:
+            return
         dirty, self._dirty = self._dirty, set()
         if "output" in dirty:
             note = ""
@@ -148,7 +186,10 @@ class Dashboard(App):
                     note += f"; {self.result['fallback']}"
             self.query_one(OutputView).show(self.shown_prompt, "".join(self.output), self.generating, note)
         if "speed" in dirty:
-            self.query_one(SpeedPanel).show(self.rates, self.prefill, self.ttft, self.n_generated, self.decode, self.kv)
+            self.query_one(SpeedPanel).show(self.rates, self.prefill, self.ttft, self.n_generated, self.decode, self.kv,
+                                            self.shadow_line())
+        if "history" in dirty:
+            self.query_one(HistoryPanel).show(self.cos_history, self.n_generated)
         if "cells" in dirty and self.parity is not None:
             p = self.parity
             text = self.tokens[p.token].text if p.token is not None and p.token < len(self.tokens) else None
@@ -202,6 +243,9 @@ class Dashboard(App):
 
     @work(thread=True, exclusive=True, group="l1", exit_on_error=False)
     def run_l1(self) -> None:
+        wait = getattr(self.engine, "trail", None)
+        if wait is not None and not wait.wait_idle(self._cancelled()):  # a measurement: in idle time only
+            return
         self.engine.measure_l1(self._emit)
 
     @work(thread=True, exclusive=True, group="bisect", exit_on_error=False)
@@ -223,24 +267,26 @@ class Dashboard(App):
         gc.freeze()
         ev = self.loaded = msg.event
         info = ev.info
-        self.title = f"apr-tui · {info.name}"
+        self.title = f"apr-tui · {display_name(info.name, info.path)}"
         self.sub_title = f"{info.backend} · shadow {ev.shadow}"
         self.query_one(ModelPanel).show(info, ev.shadow)
         self.query_one(LayerCells).setup(info.n_layer, ev.shadow_label, ev.shadow == "off")
-        self.note = f"loaded in {info.load_s:.1f} s: Enter generates, ? help"
+        self.note = f"loaded in {info.load_s:.1f} s: type a prompt, Enter sends; Esc then ? lists the keys"
         self.run_shadow()
         if not self.engine.replay:
-            self.query_one(L1Gauge).show(None, "measuring ...")
+            self.query_one(L1Gauge).show(None, "measures when idle ...")
             self.run_l1()
+        if self.send_when_loaded:
+            self.action_generate()
         note = self.engine.gates_note()
         gates = self.query_one(GatesPanel)
         if note is not None:
             gates.note(note)
         elif self.gates_at_start:
-            gates.note("measuring the fast gates ...")
+            gates.note("the fast gates measure when idle ...")
             self.run_gates()
         else:
-            gates.note("press g to measure the fast gates")
+            gates.note("ctrl+g measures the fast gates")
 
     def on_engine_status(self, msg: M.EngineStatus) -> None:
         ev = msg.event
@@ -264,6 +310,8 @@ class Dashboard(App):
             self.prefill = ev.prefill_tok_s
         if ev.ttft_s is not None:
             self.ttft = ev.ttft_s
+        if self.n_prompt is None:
+            self.n_prompt = ev.n_past  # after the prefill: the prompt's positions
         if ev.token_id >= 0:  # (-1: the decoder's flushed tail, not a token)
             self.n_generated += 1
             if ev.dt_s:
@@ -274,8 +322,27 @@ class Dashboard(App):
         self.mark("output", "speed")
 
     def on_layer_parity(self, msg: M.LayerParity) -> None:
-        self.parity = msg.event
+        p = self.parity = msg.event
+        if self.n_prompt is not None and p.position >= self.n_prompt and p.token == p.position - self.n_prompt:
+            self.cos_history[p.token] = p.cosines
+            self.mark("history")
         self.mark("cells")
+
+    def on_shadow_moved(self, msg: M.ShadowMoved) -> None:
+        self.shadow_progress = msg.event
+        self.mark("speed")
+
+    def shadow_line(self) -> str | None:
+        """The speed panel's shadow line: its own rate and how far behind the backend it is."""
+        sp = self.shadow_progress
+        if self.loaded is None or self.loaded.shadow == "off":
+            return None
+        backend = max(sp.backend if sp else 0, self.kv[0] if self.kv else 0)
+        behind = max(0, backend - (sp.position if sp else 0))
+        rate = f"{sp.tok_s:.1f} tok/s" if sp and sp.tok_s else "- tok/s"
+        where = (f"{behind} behind" if self.query_one(SpeedPanel).compact else f"{behind} positions behind") \
+            if behind else "caught up"
+        return f"shadow {rate} · {where}"
 
     def on_generation_done(self, msg: M.GenerationDone) -> None:
         r = self.result = msg.event.result
@@ -287,6 +354,10 @@ class Dashboard(App):
         if r.get("decode_tok_s"):
             self.decode = r["decode_tok_s"]
         note = f"done: {self.n_generated} tokens, stop={r.get('stop_reason', '?')}"
+        if r.get("reused"):
+            note += f"; prefilled {r.get('prefilled')} new tokens, {r['reused']} reused from the KV cache"
+        if self.gen_chat:
+            self.transcript = self.shown_prompt + "".join(self.output).strip() + "\n\n"
         if r.get("fallback"):
             note += f"; {r['fallback']}"
         if r.get("stop_reason") == "error" and self.failures:
@@ -328,7 +399,8 @@ class Dashboard(App):
     # -- actions ---------------------------------------------------------------------------------
     def action_generate(self) -> None:
         if self.loaded is None:
-            self.notify("the model is still loading", severity="warning")
+            self.send_when_loaded = True
+            self.note = "the model is still loading: the prompt is sent when it is ready"
             return
         if self.generating:
             self.notify("already generating (Escape stops)", severity="warning")
@@ -339,20 +411,52 @@ class Dashboard(App):
             self.notify("type a prompt first", severity="warning")
             return
         area.remember(prompt)
-        self._reset_view(f"you: {prompt}\n" if self.chat else prompt)
+        if self._slash(prompt.strip()):
+            area.load_text("")
+            return
+        self.gen_chat = self.chat
+        self._reset_view(f"{self.transcript}you: {prompt}\nmodel: " if self.chat else prompt)
+        if self.chat:
+            area.load_text("")
         self.parity = None
         self.generating = True
         self.note = f"up to {self.max_tokens} tokens; Escape stops"
-        self.query_one(OutputView).focus()
-        self.mark("output", "speed")
+        self.mark("output", "speed", "history")
         self.run_generate(prompt, self.chat)
+
+    def _slash(self, text: str) -> bool:
+        """``/new`` starts the conversation over; ``/system TEXT`` does so with a system prompt."""
+        if text == "/new" or text.startswith("/system"):
+            self.action_new_chat(text[len("/system"):].strip() if text.startswith("/system") else None)
+            return True
+        return False
+
+    def action_escape(self) -> None:
+        """Stop a generation; otherwise leave the prompt box so that single letters are commands."""
+        if self.generating:
+            self.action_stop()
+        elif isinstance(self.focused, PromptArea):
+            self.query_one(OutputView).focus()
+            self.note = "keys: i prompt, c chat, n new, g gates, b bisect, s save, q quit, ? help"
 
     def action_stop(self) -> None:
         if self.generating:
             self.workers.cancel_group(self, "generate")
             self.note = "stopping ..."
-        elif isinstance(self.focused, PromptArea):
-            self.query_one(OutputView).focus()
+
+    def action_new_chat(self, system: str | None = None) -> None:
+        """Start the conversation over (keeps the current system prompt unless one is given)."""
+        if self.generating:
+            self.notify("stop the generation first (Escape)", severity="warning")
+            return
+        conv = getattr(self.engine, "conversation", None)
+        keep = conv.system if conv is not None and system is None else system
+        if hasattr(self.engine, "new_conversation"):
+            self.engine.new_conversation(keep)
+        self.transcript = ""
+        self._reset_view("")
+        self.mark("output", "speed", "history")
+        self.note = "new conversation" + (f", system prompt: {keep}" if keep else "")
 
     def action_focus_prompt(self) -> None:
         area = self.query_one(PromptArea)
@@ -383,6 +487,10 @@ class Dashboard(App):
         self.query_one(GatesPanel).note("running the fast gates ...")
         self.run_gates()
 
+    def check_action(self, action: str, parameters) -> bool | None:
+        """The generate binding (Enter) only outside the prompt box (inside, the box sends its text)."""
+        return not (action == "generate" and isinstance(self.focused, PromptArea))
+
     def action_save(self) -> None:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         path = self.save_dir / f"apr-tui-session-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -402,51 +510,7 @@ class Dashboard(App):
         self.engine.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="apr-tui", description="apr-numba live dashboard: generation, per-layer "
-                                "parity against a shadow, speed, L1 proxy and gates")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"registry name, .gguf or .apr path (default {DEFAULT_MODEL}, pulled if missing)")
-    p.add_argument("--backend", choices=("auto", "cpu", "opencl"), default="auto")
-    p.add_argument("--shadow", choices=("auto", "reference", "cpu", "opencl", "off"), default="auto",
-                   help="what the per-layer cosine compares against (auto: reference on the CPU backend for "
-                        "GGUF, cpu on OpenCL or for .apr)")
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--n-ctx", type=int, default=None, help="KV cache length (default min(4096, trained))")
-    p.add_argument("-n", "--max-tokens", type=int, default=256)
-    p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--chat", action="store_true", help="start in chat mode (the model's chat template)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-gates", action="store_true", help="do not run the fast gates at start")
-    p.add_argument("--save-dir", default=".", help="where s writes session files")
-    p.add_argument("--replay", metavar="SESSION.json", help="replay a saved session instead of running a model")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    if a.replay:
-        from tui.fake import FakeEngine
-
-        engine = FakeEngine(a.replay, speed=1.0)
-    else:
-        from apr_numba.errors import AprError
-        from apr_numba.hub.pull import resolve_model
-        from tui.engine import Engine
-
-        try:  # pull / verify before the screen switches, so progress and errors show in the terminal
-            path = resolve_model(a.model, progress=sys.stderr.isatty())
-        except AprError as exc:
-            print(f"apr-tui: error: {exc}", file=sys.stderr)
-            return 2
-        engine = Engine(str(path), backend=a.backend, shadow=a.shadow, threads=a.threads, n_ctx=a.n_ctx,
-                        temperature=a.temperature, seed=a.seed)
-    app = Dashboard(engine, max_tokens=a.max_tokens, prompt=a.prompt, chat=a.chat, gates_at_start=not a.no_gates,
-                    save_dir=a.save_dir)
-    app.run()
-    return 0
-
+from tui.cli import build_parser, main  # noqa: E402, F401 - the command line (imports this module lazily)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,12 +7,13 @@ is one of the dataclasses below; the app turns each into a Textual message. ``ca
 
 Generation reuses :func:`apr_numba.generation.generate.generate_events` (sampling, stop rules, timings) on a stand-in
 model whose ``eval`` always asks for ``capture_layers=True``, so every prefill and decode step hands its
-block outputs (post_ffn_residual, (n_layer, k, n_embd)) to the shadow queue. The shadow worker
-(:meth:`Engine.shadow_loop`) takes everything queued since its last pass as one batch, runs it on the
-shadow (:mod:`tui.shadow`) and emits the cosine per layer for each position.
+block outputs (post_ffn_residual, (n_layer, k, n_embd)) to the shadow's queue (:mod:`tui.trail`) without
+waiting. The shadow worker runs that queue only in idle time (no generation, gate or bisect running), at the
+lowest CPU priority, so generation runs at the engine's own speed; the shadow catches up after each reply.
 
-Model jobs (generation, gates, bisect) run one at a time (:class:`Jobs`), so they never share the model's KV
-cache or time each other; the shadow has its own state and runs beside them.
+A run keeps the KV cache positions it shares with the previous run (:mod:`tui.chat`): a chat turn prefills only
+its new tokens. Model jobs (generation, gates, bisect) run one at a time (:class:`Jobs`), so they never share
+the model's KV cache or time each other; the gates measure only when the shadow has caught up.
 """
 
 from __future__ import annotations
@@ -36,15 +37,14 @@ from tui.events import (
     L1Reading,
     Loaded,
     ModelInfo,
-    Parity,
     Status,
     Token,
     fmt_cos,
     gate_row,
+    gates_summary,
 )
 
 SESSION_SCHEMA = "apr-tui-session-v1"
-SHADOW_DUTY = 0.5  # most of one core the shadow uses while a generation runs
 
 Emit = Callable[[object], None]
 Cancelled = Callable[[], bool]
@@ -84,15 +84,22 @@ class Jobs:
 
 
 class _Capturing:
-    """The model as generate_events sees it, except that every eval captures the block outputs."""
+    """The model as generate_events sees it, except that every eval captures the block outputs, and that the
+    first ``keep`` positions of the KV cache are kept: ``reset`` rewinds to them and the prefill evaluates
+    only the ids after them (:mod:`tui.chat`)."""
 
-    def __init__(self, model, sink):
-        self._model, self._sink = model, sink
+    def __init__(self, model, sink, keep: int = 0):
+        self._model, self._sink, self._keep, self._skip = model, sink, keep, keep
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
+    def reset(self) -> None:
+        self._model.n_past = self._keep
+
     def eval(self, ids, n_logits: int = 1, capture_layers: bool = False, state=None):
+        if self._skip:
+            ids, self._skip = list(ids)[self._skip:], 0
         logits, cap = self._model.eval(ids, n_logits, capture_layers=True, state=state)
         self._sink(ids, cap)
         return (logits, cap) if capture_layers else logits
@@ -109,6 +116,7 @@ class _Gen:
     parity: list[dict] = field(default_factory=list)
     result: dict = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
+    reused: int = 0  # KV cache positions kept from the previous run (not prefilled again)
 
     @property
     def text(self) -> str:
@@ -131,8 +139,15 @@ class Engine:
 
     def __init__(self, model: str = "smollm2-135m", backend: str = "auto", shadow: str = "auto",
                  threads: int | None = None, n_ctx: int | None = None, temperature: float = 0.0,
-                 seed: int | None = None):
+                 seed: int | None = None, system: str | None = None, shadow_budget_bytes: int | None = None):
+        from tui.chat import Conversation
+        from tui.trail import Trail
+
         self.spec, self.backend_req, self.shadow_req = model, backend, shadow
+        self.shadow_budget = shadow_budget_bytes
+        self.conversation = Conversation(system or None)
+        self.cached_ids: list[int] = []  # the tokens in the backend's KV cache, positions 0..n_past-1
+        self.trail = Trail()
         self.threads, self.n_ctx, self.temperature, self.seed = threads, n_ctx, temperature, seed
         self.model = None
         self.info: ModelInfo | None = None
@@ -140,12 +155,7 @@ class Engine:
         self.shadow_kind = "off"
         self.shadow_label = "shadow off (--shadow off): no per-layer parity is computed"
         self.jobs = Jobs()
-        self._cv = threading.Condition()
-        self._pending: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (seq id, p0, ids, cap)
-        self._seq = 0
-        self._backend_pos = 0
         self._gen: _Gen | None = None
-        self._active = False  # a generation is running
         self.shadow_ready = threading.Event()  # set once the shadow is prepared (or failed / off)
         self.history: list[_Gen] = []
         self.gates: dict[str, GateRow] = {}
@@ -191,7 +201,7 @@ class Engine:
 
         kind = default_shadow(self.model) if self.shadow_req == "auto" else self.shadow_req
         try:
-            self.shadow = make_shadow(kind, self.model)
+            self.shadow = make_shadow(kind, self.model, self.shadow_budget)
         except ShadowUnavailable as exc:
             emit(Failed("shadow", str(exc), "per-layer parity off"))
             self.shadow, kind = None, "off"
@@ -206,53 +216,57 @@ class Engine:
         """Nothing to release (kept for the app's unmount; FakeEngine has the same)."""
 
     # -- generation ----------------------------------------------------------------------------
-    def _begin_sequence(self) -> int:
-        with self._cv:
-            self._seq += 1
-            self._pending.clear()
-            self._backend_pos = 0
-            return self._seq
-
-    def _captured(self, seq: int, ids, cap: np.ndarray) -> None:
-        """Called after each backend eval: queue (ids, block outputs) for the shadow."""
+    def _captured(self, gen: _Gen, ids, cap: np.ndarray) -> None:
+        """Called after each backend eval: queue (ids, block outputs) for the trailing shadow (never waits)."""
         ids = np.asarray(ids, np.int64).reshape(-1)
-        p0 = self.model.n_past - ids.size
-        with self._cv:
-            self._backend_pos = p0 + ids.size
-            if self.shadow is not None:
-                self._pending.append((seq, p0, ids, cap))
-                self._cv.notify()
+        if self.shadow is not None:
+            self.trail.push(gen, self.model.n_past - ids.size, ids, cap)
+
+    def prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+        """The ids to run: in chat mode the whole conversation plus ``prompt`` as the new user turn."""
+        from apr_numba.generation.generate import prompt_ids
+
+        return self.conversation.render(self.model, prompt) if chat else prompt_ids(self.model, prompt, False)
+
+    def new_conversation(self, system: str | None = None) -> None:
+        """Start the chat over with a system prompt (None: none). The KV cache is kept: the next turn reuses
+        whatever prefix it shares (the system prompt's tokens, when it is the same)."""
+        self.conversation.reset(system)
 
     def generate(self, prompt: str, chat: bool, max_tokens: int, emit: Emit, cancelled: Cancelled) -> dict:
         """Generate from ``prompt`` (blocking), emitting Token / Failed / Done; returns the result dict.
 
-        If the backend raises mid-way, the tokens so far are kept; on OpenCL the model falls back to the CPU
-        and generation continues from the text so far (a fresh prefill of prompt + generated tokens).
+        The KV cache positions shared with the previous run are kept (``result["reused"]``) and only the rest
+        is prefilled (``result["prefilled"]``); in chat mode the turn joins the conversation. If the backend
+        raises mid-way, the tokens so far are kept; on OpenCL the model falls back to the CPU and generation
+        continues from the text so far (a fresh prefill of prompt + generated tokens).
         """
         from apr_numba.errors import AprError
-        from apr_numba.generation.generate import prompt_ids
         from apr_numba.runtime import set_threads
 
         m = self.model
-        with self.jobs.job("generation", True, lambda job: emit(Status(f"waiting for {job} to finish ..."))):
+        with self.jobs.job("generation", True, lambda job: emit(Status(f"waiting for {job} to finish ..."))), \
+                self.trail.foreground():
             set_threads(m.threads)  # Numba's thread count is per thread: this worker's
             t0 = time.perf_counter()
             try:
-                ids = prompt_ids(m, prompt, chat)
+                ids = self.prompt_ids(prompt, chat)
             except AprError as exc:  # e.g. chat mode without a template
                 emit(Failed("generate", str(exc)))
                 emit(Done(out := {"text": "", "stop_reason": "error", "token_ids": []}))
                 return out
             gen = self._gen = _Gen(prompt, chat, ids)
             self.history.append(gen)
-            self._active = True
-            try:
-                res, fallback = self._run_with_fallback(gen, max_tokens, emit, cancelled, t0)
-            finally:
-                self._active = False
+            res, fallback = self._run_with_fallback(gen, max_tokens, emit, cancelled, t0)
+            produced = [t["token_id"] for t in gen.tokens if t["token_id"] >= 0]
+            self.cached_ids = (list(ids) + produced)[:m.n_past] if res.stop_reason != "error" else []
+            if chat and res.stop_reason != "error":
+                self.conversation.add_turn(prompt, gen.text)
             out = res.to_dict()
-            out.update(text=gen.text, token_ids=[t["token_id"] for t in gen.tokens if t["token_id"] >= 0],
-                       prompt_token_ids=list(ids), total_s=time.perf_counter() - t0)
+            out.update(text=gen.text, token_ids=produced, prompt_token_ids=list(ids), total_s=time.perf_counter() - t0,
+                       reused=gen.reused, prefilled=len(ids) - gen.reused, turn=self.conversation.turns)
+            if gen.reused and res.prefill_s > 0:  # GenerationResult counts every prompt id as prefilled
+                out["prefill_tok_s"] = (len(ids) - gen.reused) / res.prefill_s
             if fallback:
                 out["fallback"] = fallback
             gen.result = out
@@ -289,6 +303,7 @@ class Engine:
                 fallback = f"fell back to the CPU (Numba) after {len(produced)} tokens"
                 emit(Failed("generate", reason, fallback + "; continuing from the text so far"))
                 self.info.backend, self.info.device = m.backend, str(m.device)
+                self.cached_ids = []
                 if len(produced) >= max_tokens or cancelled():
                     res.stop_reason = "cancelled" if cancelled() else "length"
                     return res, fallback
@@ -297,10 +312,12 @@ class Engine:
                 t0: float) -> None:
         """One generate_events run on a fresh sequence, every step's block outputs queued for the shadow."""
         from apr_numba.generation.generate import generate_events
+        from tui.chat import reusable
 
         m = self.model
-        seq = self._begin_sequence()
-        proxy = _Capturing(m, lambda i, c: self._captured(seq, i, c))
+        keep = reusable(ids, self.cached_ids, m.n_past) if not gen.tokens else 0
+        gen.reused = keep
+        proxy = _Capturing(m, lambda i, c: self._captured(gen, i, c), keep)
         last_t = t0 + gen.tokens[-1]["elapsed_s"] if gen.tokens else None
         for ev in generate_events(proxy, ids, params, max_tokens, (), res, cancelled=cancelled):
             now = time.perf_counter()
@@ -322,23 +339,10 @@ class Engine:
         return True
 
     # -- shadow --------------------------------------------------------------------------------
-    def _take(self, cancelled: Cancelled):
-        """Wait for queued backend steps; return (seq, p0, ids (k,), cap (L, k, D)) of the newest sequence."""
-        with self._cv:
-            while not self._pending:
-                if cancelled():
-                    return None
-                self._cv.wait(0.1)
-            seq = self._pending[-1][0]
-            items = [it for it in self._pending if it[0] == seq]
-            self._pending.clear()
-            return seq, items[0][1], np.concatenate([it[2] for it in items]), np.concatenate([it[3] for it in items],
-                                                                                               axis=1)
-
     def shadow_loop(self, emit: Emit, cancelled: Cancelled) -> None:
-        """Prepare the shadow, then compare every queued batch until cancelled (runs in its own worker)."""
+        """Open the shadow, then run the trail (:class:`tui.trail.Trail`) until cancelled (its own worker)."""
         from apr_numba.runtime import set_threads
-        from tui.shadow import ShadowUnavailable, layer_cosines
+        from tui.shadow import ShadowUnavailable
 
         sh = self.shadow
         if sh is None:
@@ -346,14 +350,7 @@ class Engine:
             return
         set_threads(self.model.threads)
         try:
-            def progress(done, total):
-                emit(Status(f"shadow {sh.kind}: dequantizing float64 weights, block {done}/{total}", "shadow"))
-                if cancelled():
-                    raise InterruptedError
-
-            sh.prepare(progress)
-        except InterruptedError:
-            return
+            sh.prepare()
         except (ShadowUnavailable, Exception) as exc:  # noqa: BLE001 - shadow broken: say so, keep generating
             self.shadow = None
             self.shadow_label = f"shadow {sh.kind} unavailable: {exc}"
@@ -362,44 +359,8 @@ class Engine:
         finally:
             self.shadow_ready.set()
         self.shadow_label = sh.label
-        emit(Status(f"shadow {sh.kind} ready: {sh.label}", "shadow"))
-        seq_done = 0
-        while not cancelled():
-            got = self._take(cancelled)
-            if got is None:
-                return
-            seq, p0, ids, cap = got
-            try:
-                if seq != seq_done:
-                    if p0 != 0:  # the start of this sequence was dropped (cannot happen: a sequence starts at 0)
-                        continue
-                    sh.reset()
-                    seq_done = seq
-                if p0 != sh.n_past:
-                    continue
-                t_pass = time.perf_counter()
-                cos = layer_cosines(cap, sh.advance(ids))  # (L, k)
-                t_pass = time.perf_counter() - t_pass
-            except Exception as exc:  # noqa: BLE001
-                self.shadow = None
-                emit(Failed("shadow", f"{type(exc).__name__}: {exc}", "per-layer parity off"))
-                return
-            gen = self._gen
-            n_prompt = len(gen.prompt_ids) if gen is not None else 0
-            with self._cv:
-                lag = self._backend_pos - (p0 + ids.size) if seq == self._seq else 0
-            for j in range(ids.size):
-                pos = p0 + j
-                row = Parity(pos, pos - n_prompt if pos >= n_prompt else None,
-                             [float(x) for x in cos[:, j]], lag + ids.size - 1 - j, sh.label)
-                if gen is not None and seq == self._seq:
-                    gen.parity.append(asdict(row) | {"cosines": [_finite(x) for x in row.cosines]})
-            emit(row)  # the newest position only: the panel shows one token
-            # While tokens stream, rest as long as the pass took (at most SHADOW_DUTY of a core), so the shadow
-            # never takes more than half a core from the backend; the next pass then covers more tokens.
-            rest_until = time.perf_counter() + min(0.5, t_pass * (1 - SHADOW_DUTY) / SHADOW_DUTY)
-            while self._active and not cancelled() and time.perf_counter() < rest_until:
-                time.sleep(0.02)
+        emit(Status(f"shadow {sh.kind} ready: {sh.label}; it trails the backend and runs when idle", "shadow"))
+        self.trail.run(sh, emit, cancelled)
 
     # -- bisect --------------------------------------------------------------------------------
     def bisect(self, emit: Emit) -> Bisected | None:
@@ -414,10 +375,12 @@ class Engine:
         b = self.shadow_kind if self.shadow_kind in ("reference", "cpu", "opencl") else "reference"
         from apr_numba.runtime import set_threads
 
-        with self.jobs.job("bisect", True, lambda job: emit(Status(f"bisect: waiting for {job} ...", "bisect"))):
+        with self.jobs.job("bisect", True, lambda job: emit(Status(f"bisect: waiting for {job} ...", "bisect"))), \
+                self.trail.foreground():
             set_threads(self.model.threads)
             emit(Status(f"bisect: tracing every stage of {len(ids)} prompt tokens on {a} and {b} ...", "bisect"))
             res = bisect(self.model, tokens=ids, a=a, b=b)
+            self.cached_ids = []  # the trace ran on the model: its KV cache no longer holds the last run
         head = f"bisect {a} vs {b}, {len(ids)} prompt tokens, {len(res.rows)} stages:"
         if res.diverged:
             r = res.rows[res.index]
@@ -465,16 +428,15 @@ class Engine:
             self._gate_ctx = GateContext(self.model.path, threads=self.threads)
         specs = gates.select(None)
         for i, spec in enumerate(specs):
-            if cancelled():
+            if cancelled() or not self.trail.wait_idle(cancelled):  # gates measure in idle time only
                 break
-            with self.jobs.job(f"gate {spec.id}", False):
+            with self.jobs.job(f"gate {spec.id}", False), self.trail.foreground():
                 emit(Status(f"gates: measuring {spec.id} ({i + 1}/{len(specs)}) ...", "gates"))
                 row = gate_row(gates.run_gate(spec, self._gate_ctx))
             rows.append(row)
             self.gates[row.id] = row
             emit(row)
-        n_pass, n_fail = sum(r.status == "PASS" for r in rows), sum(r.status == "FAIL" for r in rows)
-        emit(Status(f"gates: {len(rows)} measured, {n_pass} PASS, {n_fail} FAIL", "gates"))
+        emit(Status(gates_summary(list(self.gates.values())), "gates"))
         return rows
 
     def measure_l1(self, emit: Emit) -> L1Reading | None:
@@ -484,7 +446,8 @@ class Engine:
         except ImportError:
             emit(L1Reading(None, "", "apr_numba.gates.l1proxy is not available in this build"))
             return None
-        r = model_proxy(self.model.weights)
+        with self.jobs.job("L1 proxy", False), self.trail.foreground():  # never beside a generation
+            r = model_proxy(self.model.weights)
         kernels = r.details.get("per_kernel", {})
         worst = max(kernels.items(), key=lambda kv: kv[1]["load_miss_rate"]) if kernels else None
         detail = f"footprint {r.footprint_bytes / 1024:.1f} KiB"
@@ -504,6 +467,7 @@ class Engine:
             "model": asdict(self.info) if self.info else None,
             "shadow": {"kind": self.shadow_kind, "label": self.shadow_label},
             "generations": [asdict(g) | {"text": g.text} for g in self.history],
+            "conversation": self.conversation.to_dict(),
             "gates": [asdict(r) for r in dict(self.gates).values()], "l1": asdict(self.l1) if self.l1 else None,
             "bisects": list(self.bisects), "gates_note": self.gates_note(),
         }
@@ -512,11 +476,6 @@ class Engine:
         path = Path(path)
         path.write_text(json.dumps(self.session(), indent=1, ensure_ascii=False, allow_nan=False, default=_nan_safe))
         return path
-
-
-def _finite(x: float) -> float | None:
-    """x, or None for NaN / inf (JSON has neither)."""
-    return x if math.isfinite(x) else None
 
 
 def _nan_safe(o):  # pragma: no cover - json default hook for numpy scalars

@@ -76,6 +76,21 @@ class Parity:
 
 
 @dataclass
+class ShadowProgress:
+    """Where the trailing shadow is: positions it has run, positions the backend holds, its last pass rate
+    (positions per second of pass time, None before the first) and a word for its state."""
+
+    position: int
+    backend: int
+    tok_s: float | None
+    state: str
+
+    @property
+    def behind(self) -> int:
+        return max(0, self.backend - self.position)
+
+
+@dataclass
 class Done:
     """A generation finished: GenerationResult fields (+ ``fallback`` when it moved backend)."""
 
@@ -154,3 +169,13 @@ def gate_row(r) -> GateRow:
     return GateRow(id=str(get("id", "?")), status=str(get("status", "?")), value=value, unit=str(get("unit", "")),
                    comparison=str(get("comparison", "")), threshold=thr,
                    detail=str(get("reason") or get("detail") or ""))
+
+
+def gates_summary(rows: list[GateRow]) -> str:
+    """"24 gates: 2 FAIL (WS-002, WS-004), 21 PASS, 1 N/A" (the failing ids named)."""
+    fails = [r.id for r in rows if r.status == "FAIL"]
+    n_pass = sum(r.status == "PASS" for r in rows)
+    n_na = sum(r.status == "NOT_APPLICABLE" for r in rows)
+    head = f"{len(rows)} gates: "
+    parts = ([f"{len(fails)} FAIL ({', '.join(fails)})"] if fails else []) + [f"{n_pass} PASS"]
+    return head + ", ".join(parts + ([f"{n_na} N/A"] if n_na else []))

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from tui.chat import Conversation
 from tui.engine import SESSION_SCHEMA
 from tui.events import (
     Bisected,
@@ -22,8 +23,10 @@ from tui.events import (
     Loaded,
     ModelInfo,
     Parity,
+    ShadowProgress,
     Status,
     Token,
+    gates_summary,
 )
 
 
@@ -52,6 +55,7 @@ class FakeEngine:
         sh = self.data.get("shadow") or {}
         self.shadow_kind, self.shadow_label = sh.get("kind", "off"), sh.get("label", "")
         self.paused = threading.Event()
+        self.conversation = Conversation()
         self.history: list[dict] = []
 
     def load(self, emit) -> Loaded:
@@ -87,12 +91,9 @@ class FakeEngine:
             emit(Token(**t))
             out.append(t)
             reached = n_prompt + i  # positions the recorded backend had computed after emitting token i
-            last = None
             while r < len(rows) and rows[r]["position"] + 1 + rows[r]["lag"] <= reached:
-                last = rows[r]
+                emit(_parity(rows[r]))
                 r += 1
-            if last is not None:
-                emit(Parity(**(last | {"cosines": [float("nan") if c is None else c for c in last["cosines"]]})))
         full = len(out) == len(rec["tokens"])
         res = dict(rec["result"]) if full else {
             "stop_reason": "cancelled", "prefill_tok_s": rec["result"].get("prefill_tok_s", 0.0),
@@ -100,7 +101,18 @@ class FakeEngine:
         res.update(text="".join(t["text"] for t in out))
         self.history.append({"prompt": prompt, "chat": chat, "replayed_from": str(self.path), "result": res})
         emit(Done(res))
+        # the shadow catches up once the generation is over: the recorded rows of the positions reached
+        reached = n_prompt + len(out) - 1
+        done = rows[r - 1]["position"] + 1 if r else 0
+        for row in rows[r:]:
+            if row["position"] < reached:
+                emit(_parity(row))
+                done = row["position"] + 1
+        emit(ShadowProgress(done, reached, None, "caught up" if done >= reached else "behind"))
         return res
+
+    def new_conversation(self, system=None) -> None:
+        self.conversation.reset(system)
 
     def bisect(self, emit):
         b = (self.data.get("bisects") or [None])[-1]
@@ -118,8 +130,7 @@ class FakeEngine:
         for row in rows:
             emit(row)
         if rows:
-            n_pass, n_fail = sum(r.status == "PASS" for r in rows), sum(r.status == "FAIL" for r in rows)
-            emit(Status(f"gates: {len(rows)} recorded, {n_pass} PASS, {n_fail} FAIL", "gates"))
+            emit(Status(gates_summary(rows) + " (recorded)", "gates"))
         return rows
 
     def session(self) -> dict:
@@ -132,3 +143,8 @@ class FakeEngine:
 
     def close(self) -> None:
         return None
+
+
+def _parity(row: dict) -> Parity:
+    """A recorded parity row (JSON null = NaN) as the event."""
+    return Parity(**(row | {"cosines": [float("nan") if c is None else c for c in row["cosines"]]}))

@@ -31,6 +31,10 @@ class LayerParity(EngineMessage):
     pass
 
 
+class ShadowMoved(EngineMessage):
+    pass
+
+
 class GenerationDone(EngineMessage):
     pass
 
@@ -52,6 +56,7 @@ class BisectDone(EngineMessage):
 
 
 MESSAGE_FOR = {E.Loaded: ModelLoaded, E.Status: EngineStatus, E.Token: TokenGenerated, E.Parity: LayerParity,
+               E.ShadowProgress: ShadowMoved,
                E.Done: GenerationDone, E.Failed: EngineFailed, E.GateRow: GateResult, E.L1Reading: L1Measured,
                E.Bisected: BisectDone}
 

@@ -2,8 +2,9 @@
 
     .venv/bin/python -m tui.screenshots docs/
 
-Measures the fast gates, then generates and saves the screen mid-generation at 120x40 and 80x24, stops,
-bisects the prompt and saves that screen too. Every number on them was measured during the run.
+Types the prompt, generates, waits for the trailing shadow to catch up and the fast gates to measure (idle
+time), saves the screen at 120x40 and 80x24, bisects the prompt and saves that screen too. Every number on
+them was measured during the run.
 """
 
 from __future__ import annotations
@@ -15,21 +16,25 @@ from pathlib import Path
 from tui.app import Dashboard
 from tui.engine import Engine
 
-PROMPT = "The three primary colors are"
+PROMPT = "Write two sentences about lighthouses."
 
 
 async def shoot(out: Path, model: str = "smollm2-135m") -> list[Path]:
     engine = Engine(model, n_ctx=1024)
-    app = Dashboard(engine, max_tokens=900, prompt=PROMPT, gates_at_start=True)
+    app = Dashboard(engine, max_tokens=96, gates_at_start=True)
     saved = []
     async with app.run_test(size=(120, 40)) as pilot:
         while app.loaded is None or not engine.shadow_ready.is_set():
             await asyncio.sleep(0.1)
-        while any(w.group in ("gates", "l1") and not w.is_finished for w in app.workers):
-            await asyncio.sleep(0.2)
-        await pilot.press("enter")
-        while app.parity is None or app.parity.token is None or app.parity.token < 24:
+        await pilot.press(*PROMPT, "enter")  # typed into the focused prompt box, as a user does
+        while not app.generating:
             await asyncio.sleep(0.05)
+        while app.generating:
+            await asyncio.sleep(0.05)
+        # the shadow catches up after the reply, then the gates and the L1 proxy measure in idle time
+        while (app.shadow_progress is None or app.shadow_progress.behind
+               or any(w.group in ("gates", "l1") and not w.is_finished for w in app.workers)):
+            await asyncio.sleep(0.2)
         app.flush()
         await pilot.pause()
         saved.append(Path(app.save_screenshot("dashboard-120x40.svg", str(out))))
@@ -39,16 +44,13 @@ async def shoot(out: Path, model: str = "smollm2-135m") -> list[Path]:
         await pilot.pause()
         saved.append(Path(app.save_screenshot("dashboard-80x24.svg", str(out))))
         await pilot.resize_terminal(120, 40)
-        await pilot.press("escape")
-        while app.generating:
-            await asyncio.sleep(0.05)
         await app.run_bisect().wait()
         await pilot.pause()
         app.flush()
         app.clear_notifications()
         await pilot.pause()
         saved.append(Path(app.save_screenshot("dashboard-bisect.svg", str(out))))
-        await pilot.press("q")
+        await pilot.press("ctrl+q")
     return saved
 
 

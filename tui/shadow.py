@@ -6,12 +6,10 @@ worker takes all tokens that arrived since its last pass and runs them as one ch
 n_past..n_past+k-1). A batch costs about one pass over the weights whatever k is, so a slow shadow lags a
 few tokens behind the backend but still covers every token; the panel says which token it shows.
 
-* ``reference``: :class:`ReferenceShadow`, float64 NumPy (:mod:`apr_numba.backends.reference`'s math and weights,
-  gguf-py dequantization). ReferenceModel.forward re-dequantizes every block on each call (about 10 s for
-  SmolLM2-135M) and has no KV cache, so it cannot run per token. This shadow dequantizes each block once
-  (kept as float64 while the whole model fits :data:`REF_CACHE_BYTES`, else re-dequantized per pass) and
-  adds a float64 KV cache; the block math is reference.py's, step for step (tests/test_tui_engine.py checks
-  it against ``ReferenceModel.forward_traced``). Independent of the Numba kernels and of the packed weights.
+* ``reference``: :class:`ReferenceShadow`, the project's float64 reference backend itself
+  (:class:`apr_numba.backends.reference.ReferenceModel`, gguf-py dequantization, its ``eval`` over a float64
+  ``RefState`` KV cache), with a weight budget (:data:`REF_CACHE_BYTES`): it dequantizes one block at a time
+  from the memory-mapped file. Independent of the Numba kernels and of the packed weights.
 * ``cpu``: :class:`CpuShadow`, the Numba CPU forward of the same model (same packed weights) on its own
   CPU KV cache. Against the OpenCL backend it is an independent implementation; against the CPU backend it
   compares the per-token decode path with the batched (prefill-tile) path of the same kernels, a
@@ -23,13 +21,12 @@ Nothing here imports textual.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-REF_CACHE_BYTES = int(os.environ.get("APR_TUI_REF_CACHE_MB", "3072")) * 2**20
+REF_CACHE_BYTES = int(os.environ.get("APR_TUI_REF_CACHE_MB", "128")) * 2**20  # default float64 weight budget
 SHADOWS = ("reference", "cpu", "opencl", "off")
 
 
@@ -52,124 +49,86 @@ def layer_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class ReferenceShadow:
-    """float64 NumPy forward with a KV cache, fed in chunks (see the module docstring)."""
+    """The project's float64 reference backend (:class:`apr_numba.backends.reference.ReferenceModel`) with its
+    own KV cache (:class:`~apr_numba.backends.reference.RefState`), fed in chunks: a thin wrapper, no math here.
+
+    Args:
+        model: the loaded apr_numba Model (its open source and ArchSpec are shared, nothing is re-parsed).
+        budget_bytes: float64 weights the reference keeps between passes (``ReferenceModel(budget_bytes=)``,
+            least recently used out); the others are dequantized one block at a time from the memory-mapped
+            file as each pass runs, so the memory is O(budget + one block + the KV cache), whatever the model.
+    """
 
     kind = "reference"
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, budget_bytes: int | None = None) -> None:
         self.model = model
-        self.config = model.config
+        self.budget = REF_CACHE_BYTES if budget_bytes is None else int(budget_bytes)
         self.label = "backend vs float64 NumPy reference (own KV cache)"
-        self.ref = None
-        self._blocks: dict[int, dict[str, np.ndarray]] = {}
-        self._keep = True
-        self.n_past = 0
-        self._k = self._v = None  # float64 (n_layer, capacity, n_head_kv, head_dim)
+        self.ref = self.state = None
+        self._blas = None
 
     def prepare(self, progress=None) -> None:
-        """Open the reference over the model's source and dequantize every block once (progress(done, total)
-        after each block)."""
-        from apr_numba.debug.tracing import reference_model, single_thread_blas
+        """Open the reference over the model's source (cheap: weights are dequantized as passes need them)."""
+        from apr_numba.backends.reference import ReferenceModel
+        from apr_numba.debug.tracing import single_thread_blas
 
         try:
-            self.ref = reference_model(self.model)  # shared with bisect's reference side
+            self.ref = ReferenceModel.from_source(self.model.source, self.model.spec, budget_bytes=self.budget)
         except Exception as exc:  # noqa: BLE001 - e.g. a format the reference cannot read
             raise ShadowUnavailable(f"reference unavailable for {Path(self.model.path).name}: {exc}") from None
+        self.state = self.ref.new_state(self.model.n_ctx)
         self._blas = single_thread_blas()
-        c = self.config
-        self._keep = self._float64_bytes() <= REF_CACHE_BYTES
-        if not self._keep:
-            self.label += ", weights re-dequantized per pass"
-            return
-        for il in range(c.n_layer):
-            with self._blas:
-                self._block(il)
-            if progress is not None:
-                progress(il + 1, c.n_layer)
 
-    def _float64_bytes(self) -> int:
-        n = sum(int(np.prod(t.shape)) for name, t in self.ref.tensors.items() if name.startswith("blk."))
-        return 8 * n
-
-    def _block(self, il: int) -> dict[str, np.ndarray]:
-        w = self._blocks.get(il)
-        if w is None:
-            w = self.ref.load_block(il)
-            if self._keep:
-                self._blocks[il] = w
-        return w
+    @property
+    def n_past(self) -> int:
+        return 0 if self.state is None else self.state.n_past
 
     def reset(self) -> None:
-        self.n_past = 0
+        self.rewind(0)
 
-    def _grow(self, need: int) -> None:
-        c = self.config
-        cap = 0 if self._k is None else self._k.shape[1]
-        if need <= cap:
-            return
-        new = max(need, 2 * cap, 64)
-        shape = (c.n_layer, new, c.n_head_kv, c.head_dim)
-        k, v = np.zeros(shape), np.zeros(shape)
-        if cap:
-            k[:, :cap], v[:, :cap] = self._k, self._v
-        self._k, self._v = k, v
+    def rewind(self, n_past: int) -> None:
+        """Forget positions from ``n_past`` on (the backend overwrote them): the cache keeps the first n_past."""
+        st = self.state
+        if st is not None and n_past < st.n_past:
+            st.k, st.v = [k[:n_past] for k in st.k], [v[:n_past] for v in st.v]
+            st.n_past = int(n_past)
 
-    def advance(self, ids, n_layers: int | None = None) -> np.ndarray:
+    def advance(self, ids, pause=None) -> np.ndarray:
         """Append ``ids`` (k,) at positions n_past.. and return each block's output float64 (n_layer, k, D).
 
-        ``n_layers`` runs only the first blocks (tests); the cache then holds only theirs. NumPy's OpenBLAS
-        runs on one thread during the pass: beside Numba kernels that use every core, its threads only spin
-        (a small gemv was 50x slower with them on 2 shared cores).
+        ``ReferenceModel.eval``'s pass, block by block through the reference's public ``block(..., past=)``
+        and ``last_kv`` (all math stays in reference.py), with ``pause()`` called before each block: the trail
+        waits there while a generation runs, so a pass in flight yields the CPU within one block. NumPy's
+        OpenBLAS runs on one thread during the pass: beside Numba kernels that use every core, its threads only
+        spin (a small gemv was 50x slower with them on 2 shared cores).
         """
         if self.ref is None:
             self.prepare()
-        from apr_numba.debug.tracing import single_thread_blas
-
-        with getattr(self, "_blas", None) or single_thread_blas():
-            return self._advance(ids, n_layers)
-
-    def _advance(self, ids, n_layers: int | None) -> np.ndarray:
+        ref, st = self.ref, self.state
         ids = np.asarray(ids, np.int64).reshape(-1)
-        c = self.config
-        t, p0 = ids.size, self.n_past
-        n = c.n_layer if n_layers is None else n_layers
-        self._grow(p0 + t)
-        out = np.empty((n, t, c.n_embd))
-        x = self.ref.token_embd(ids)  # (t, D) float64
-        for il in range(n):
-            x = self._block_kv(il, self._block(il), x, p0)
-            out[il] = x
-        self.n_past = p0 + t
+        if pause is None:
+            with self._blas:
+                return ref.eval(ids, st, n_logits=0, capture_layers=True)[1]
+        if st.n_past + ids.size > st.n_ctx:
+            raise ValueError(f"{st.n_past + ids.size} positions exceed the shadow's context of {st.n_ctx}")
+        n_layer = ref.config.n_layer
+        positions = np.arange(st.n_past, st.n_past + ids.size)
+        out = np.empty((n_layer, ids.size, ref.config.n_embd))
+        with self._blas:
+            x = ref.token_embd(ids)
+            for il in range(n_layer):
+                pause()
+                past = (st.k[il], st.v[il]) if il < len(st.k) else None
+                x = out[il] = ref.block(ref.load_block(il), x, positions, layer=il, past=past)
+                k, v = ref.last_kv
+                if il < len(st.k):
+                    st.k[il], st.v[il] = k, v
+                else:
+                    st.k.append(k)
+                    st.v.append(v)
+        st.n_past += ids.size
         return out
-
-    def _block_kv(self, il: int, w: dict, x: np.ndarray, p0: int) -> np.ndarray:
-        """reference.ReferenceModel.block for queries at positions p0..p0+t-1 over the cached keys 0..p0+t-1."""
-        from apr_numba.backends.reference import rms_norm, rope, silu, softmax
-
-        c = self.config
-        t = x.shape[0]
-        s = p0 + t  # keys visible to the last query
-        pos = np.arange(p0, s)
-        # --- self-attention
-        h = rms_norm(x, w["attn_norm.weight"], c.rms_eps)
-        q, k, v = (h @ w[f"attn_{n}.weight"].T for n in "qkv")  # (t, q_dim), (t, kv_dim) x2
-        if "attn_q.bias" in w:
-            q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
-        q = rope(q.reshape(t, c.n_head, c.head_dim), pos, c.rope_theta, c.rope_type)  # (t, H, hd)
-        self._k[il, p0:s] = rope(k.reshape(t, c.n_head_kv, c.head_dim), pos, c.rope_theta, c.rope_type)
-        self._v[il, p0:s] = v.reshape(t, c.n_head_kv, c.head_dim)
-        keys, vals = self._k[il, :s], self._v[il, :s]  # (s, Hkv, hd)
-        mask = np.where(np.arange(s)[None, :] > pos[:, None], -np.inf, 0.0)  # (t, s): no future keys
-        att = np.empty((t, c.n_head, c.head_dim))
-        scale = 1.0 / math.sqrt(c.head_dim)
-        for hh in range(c.n_head):
-            kv = hh // c.n_rep
-            probs = softmax(q[:, hh, :] @ keys[:, kv, :].T * scale + mask, axis=-1)  # (t, s)
-            att[:, hh, :] = probs @ vals[:, kv, :]
-        x = x + att.reshape(t, -1) @ w["attn_output.weight"].T
-        # --- SwiGLU feed-forward
-        h = rms_norm(x, w["ffn_norm.weight"], c.rms_eps)
-        return x + (silu(h @ w["ffn_gate.weight"].T) * (h @ w["ffn_up.weight"].T)) @ w["ffn_down.weight"].T
 
 
 class CpuShadow:
@@ -197,7 +156,10 @@ class CpuShadow:
     def reset(self) -> None:
         self.state.n_past = 0
 
-    def advance(self, ids) -> np.ndarray:
+    def rewind(self, n_past: int) -> None:
+        self.state.n_past = min(self.state.n_past, int(n_past))
+
+    def advance(self, ids, pause=None) -> np.ndarray:
         _, cap = self.model.eval(ids, n_logits=0, capture_layers=True, state=self.state)
         return cap
 
@@ -232,7 +194,11 @@ class OpenCLShadow:
         if self.state is not None:
             self.state.n_past = 0
 
-    def advance(self, ids) -> np.ndarray:
+    def rewind(self, n_past: int) -> None:
+        if self.state is not None:
+            self.state.n_past = min(self.state.n_past, int(n_past))
+
+    def advance(self, ids, pause=None) -> np.ndarray:
         if self.be is None:
             self.prepare()
         c = self.model.config
@@ -243,7 +209,7 @@ class OpenCLShadow:
         return cap
 
 
-def make_shadow(kind: str, model):
+def make_shadow(kind: str, model, budget_bytes: int | None = None):
     """The shadow named ``kind`` for ``model``, or None for "off".
 
     Raises:
@@ -252,7 +218,7 @@ def make_shadow(kind: str, model):
     if kind == "off":
         return None
     if kind == "reference":
-        return ReferenceShadow(model)
+        return ReferenceShadow(model, budget_bytes)
     if kind == "cpu":
         return CpuShadow(model)
     if kind == "opencl":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from rich.text import Text
 from textual import events
@@ -13,7 +14,7 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import DataTable, Sparkline, Static, TextArea
 
-from tui.events import GateRow, L1Reading, ModelInfo, Parity
+from tui.events import GateRow, L1Reading, ModelInfo, Parity, gates_summary
 
 # 1 - cosine -> cell colour, best first: float32 rounding level, 1e-6, bisect's 0.999, the parity gate's 0.99
 COS_SCALE = ((1e-9, "#1b5e20", "white", "≥1-1e-9"), (1e-6, "#2e7d32", "white", "≥1-1e-6"),
@@ -21,6 +22,20 @@ COS_SCALE = ((1e-9, "#1b5e20", "white", "≥1-1e-9"), (1e-6, "#2e7d32", "white",
              (math.inf, "#c62828", "white", "<0.99"))
 CELL = 8  # "1-2e-13" + a space
 CELL_COMPACT = 6  # "2e-13" (1 - cos) + a space
+
+
+def display_name(name: str, path: str) -> str:
+    """The model's name for titles: GGUF ``general.name`` when it names the file's model, else the file stem.
+
+    ``general.name`` is often a training run id ("Smollm2 135M 8k Lc100K Mix1 Ep2" in SmolLM2-135M-Instruct's
+    file); it is kept only when its letters and digits appear, in order, in the file name's.
+    """
+    stem = Path(path).name
+    for suffix in (".gguf", ".apr"):
+        stem = stem.removesuffix(suffix)
+    key = "".join(ch for ch in (name or "").lower() if ch.isalnum())
+    it = iter("".join(ch for ch in stem.lower() if ch.isalnum()))
+    return name if key and all(ch in it for ch in key) else stem
 
 
 def cos_cell(c: float | None, compact: bool = False) -> tuple[str, str]:
@@ -202,7 +217,8 @@ class LayerCells(Widget):
 
 
 class SpeedPanel(Vertical):
-    """Decode tok/s sparkline over the last tokens, prefill tok/s, time to first token, tokens generated."""
+    """The engine's decode tok/s (and its sparkline over the last tokens), prefill tok/s, time to first token,
+    tokens generated, KV fill, and on its own line the trailing shadow's rate and lag."""
 
     compact = False
 
@@ -216,24 +232,26 @@ class SpeedPanel(Vertical):
             self.show(*self._last)
 
     def show(self, rates: list[float], prefill: float | None, ttft: float | None, n_tokens: int,
-             decode: float | None, kv: tuple[int, int] | None) -> None:
-        self._last = (rates, prefill, ttft, n_tokens, decode, kv)
+             decode: float | None, kv: tuple[int, int] | None, shadow: str | None = None) -> None:
+        self._last = (rates, prefill, ttft, n_tokens, decode, kv, shadow)
 
         def num(v, fmt):
             return (fmt.format(v), "bold") if v is not None else ("-", "dim")
 
         t = Text()
-        t.append("decode " if self.compact else "decode  ")
+        t.append("decode ")
         t.append(*num(decode, "{:.1f}"))
-        t.append(" · prefill " if self.compact else " tok/s\nprefill ")
-        t.append(*num(prefill, "{:.1f}"))
-        t.append(" tok/s\nTTFT ")
-        t.append(*num(None if ttft is None else ttft * 1000, "{:.0f}"))
-        t.append(" ms · ")
+        t.append(" tok/s · ")
         t.append(str(n_tokens), style="bold")
-        t.append(" tok" if self.compact else " tokens")
-        if kv is not None:
-            t.append(f" · KV {kv[0]}" if self.compact else f" · KV {kv[0]}/{kv[1]}")
+        t.append(" tokens\nprefill ")
+        t.append(*num(prefill, "{:.1f}"))
+        t.append(" tok/s · TTFT ")
+        t.append(*num(None if ttft is None else ttft * 1000, "{:.0f}"))
+        t.append(" ms")
+        if kv is not None and not self.compact:
+            t.append(f"\nKV cache {kv[0]}/{kv[1]} positions")
+        if shadow:
+            t.append("\n" + shadow, style="italic")
         self.query_one("#speed-text", Static).update(t)
         self.query_one("#speed-spark", Sparkline).data = rates[-60:]
 
@@ -347,8 +365,14 @@ class GatesPanel(Vertical):
         w.display = bool(text)
 
     def show(self, row: GateRow) -> None:
+        """Add or update a gate's row; failing gates sort first, and the note above the table sums them up."""
         self.rows[row.id] = row
         self._put(row)
+        self.query_one(DataTable).sort("gate", key=lambda gid: (self.ORDER.get(self.rows[str(gid)].status, 1),
+                                                               str(gid)))
+        self.note(gates_summary(list(self.rows.values())))
+
+    ORDER = {"FAIL": 0, "PASS": 2, "NOT_APPLICABLE": 3}
 
     def _put(self, row: GateRow) -> None:
         table = self.query_one(DataTable)
@@ -361,6 +385,7 @@ class GatesPanel(Vertical):
                 table.update_cell(row.id, col, val)
         else:
             table.add_row(*cells, key=row.id)
+
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         row = self.rows.get(str(event.row_key.value))
@@ -393,9 +418,8 @@ class ModelPanel(Static):
             t.append(f"{info.arch}, {info.n_layer} layers, d={info.n_embd}, heads {info.n_head}/{info.n_head_kv}\n")
             t.append(f"quant {mix}\n")
             t.append(f"{info.file_bytes / 2**20:.1f} MiB file, {info.packed_bytes / 2**20:.1f} MiB packed\n")
-            t.append("backend ")
-            t.append(info.backend, style="bold")
-            t.append(f" on {info.device}\n")
+            dev = info.device if info.device.startswith(info.backend) else f"{info.backend} on {info.device}"
+            t.append(f"backend {dev}\n")
             t.append(f"threads {info.threads} ({info.threading_layer}), KV ctx {info.n_ctx}")
         if info.parity_line:
             style = "green" if info.parity_line.startswith("parity gate passed") else "bold yellow"
@@ -407,19 +431,21 @@ class HelpScreen(ModalScreen):
     """The keys."""
 
     BINDINGS = [("escape,q,question_mark", "app.pop_screen", "Close")]
-    TEXT = """[b]apr-tui keys[/b]
+    TEXT = """[b]apr-tui keys[/b]  (the prompt box types every printable key: Esc leaves it)
 
-Enter        generate from the prompt (in the prompt: ctrl+j adds a line)
-Escape       stop generating (the text so far stays); in the prompt: leave it
-i            edit the prompt (up/down on its first/last line: history)
-c            chat mode on/off (applies the model's chat template)
-b            bisect the last prompt against the shadow: first divergent stage
-g            re-run the fast gates (Enter on a gate row: its detail)
-s            save the session (prompt, output, metrics) as JSON
-q            quit          ?  this help
+Enter        send the prompt (in the box: ctrl+j adds a line, up/down: history)
+Escape       stop generating (the text so far stays); in the box: leave it
+i            back to the prompt box       ctrl+t / c   chat mode on/off
+ctrl+n / n   new conversation (/new, or /system TEXT to set a system prompt)
+ctrl+r / b   bisect the last prompt against the shadow: first divergent stage
+ctrl+g / g   measure the fast gates (Enter on a gate row: its detail)
+ctrl+s / s   save the session: conversation, tokens, per-token cosines (JSON)
+ctrl+q / q   quit         f1 / ?  this help
 
-Mouse: click the footer keys, the prompt, a layer cell (its exact cosine),
-a gate row (its detail). Gates: N/A = NOT_APPLICABLE.
+Chat mode keeps the conversation (the model's chat template); each turn
+prefills only its new tokens, the rest stays in the KV cache.
+The shadow trails the engine and runs when it is idle; the speed panel
+shows how far behind it is. Gates measure only when idle.
 
 Cells: cosine of each block's output (post_ffn_residual) on the running
 backend against the shadow for the same token; 0.999 is bisect's threshold."""
