@@ -80,3 +80,18 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_module_shadows_the_standard_library():
     clash = [m for m in _modules() if m.rsplit(".", 1)[-1] in sys.stdlib_module_names]
     assert clash == []
+
+
+MATH = ("rms_norm", "rmsnorm", "rope", "causal_attention", "softmax", "silu", "swiglu", "gelu_tanh", "moe_ffn")
+
+
+def test_tui_holds_no_decoder_math():
+    """The dashboard's shadow is the reference backend: tui/ neither defines nor imports the block's operations."""
+    bad = []
+    for f in TUI.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in MATH:
+                bad.append(f"{f.name}: def {node.name}")
+            if isinstance(node, ast.ImportFrom) and any(a.name in MATH for a in node.names):
+                bad.append(f"{f.name}: imports {[a.name for a in node.names if a.name in MATH]}")
+    assert bad == []
