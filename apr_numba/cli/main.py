@@ -203,7 +203,8 @@ def _add_pull(sub) -> None:
 
 def _cmd_pull(a) -> int:
     from apr_numba.cli.apr_cmds import pull_apr
-    from apr_numba.hub.registry import known_models, pull
+    from apr_numba.hub.pull import pull
+    from apr_numba.hub.registry import known_models
 
     if a.list or not a.name:
         print("\n".join(known_models()))
