@@ -43,7 +43,7 @@ def require_pyarrow():
         import pyarrow  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError as exc:
-        raise ArgumentError(f"corpus jobs need pyarrow: {INSTALL_HINT} (or pip install pyarrow)") from exc
+        raise ArgumentError("corpus jobs need pyarrow: pip install pyarrow") from exc
     import pyarrow as pa
 
     return pa
