@@ -32,8 +32,9 @@ def embed_reader(path: str, text_column: str, id_column: str, shard):
     for r in rows:
         t = r.get(text_column)
         if not isinstance(t, str):
-            what = "no" if t is None else f"a {type(t).__name__} in"
-            raise ArgumentError(f"{where(path, r)}: {what} field {text_column!r} (the text; see --text-column)")
+            what = f"no field {text_column!r}" if t is None else \
+                f"field {text_column!r} is {type(t).__name__}, not a string"
+            raise ArgumentError(f"{where(path, r)}: {what} (the text; see --text-column)")
         texts.append(t)
         ids.append(r.get(id_column, r[ROW]))
     try:
