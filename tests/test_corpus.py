@@ -24,6 +24,7 @@ from apr_numba.jobs.io import plan_shards, read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DOCS = 2000
+MAX_TOKENS = 4  # greedy tokens per batch prompt (keeps the 50-prompt runs short on 2 shared cores)
 WORDS = ["cat", "dog", "bird", "river", "stone", "cloud", "engine", "violin"]
 
 
@@ -174,7 +175,7 @@ def batch_local(tmp_path_factory):
     src = d / "prompts.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in prompts()))
     out = d / "out.jsonl"
-    apr_numba.generate_batch("smollm2-135m", src, out, max_tokens=8, shard_size=10)
+    apr_numba.generate_batch("smollm2-135m", src, out, max_tokens=MAX_TOKENS, shard_size=10, n_ctx=256)
     return src, [json.loads(x) for x in out.read_text().splitlines()]
 
 
@@ -183,20 +184,22 @@ def test_batch_local_equals_generate(batch_local):
     rows = prompts()
     assert len(res) == 50 and [r["id"] for r in res[45:49]] == [f"chat-{i}" for i in range(4)]
     assert [r["id"] for r in res[:45]] == [f"p-{i}" for i in range(45)]
-    model = apr_numba.load("smollm2-135m", backend="cpu")
-    for i in (0, 1, 44):
-        assert res[i]["text"] == apr_numba.generate(model, rows[i]["prompt"], max_tokens=8)
-        assert res[i]["completion_tokens"] == 8 and res[i]["finish_reason"] == "length"
-        assert res[i]["prompt_tokens"] == len(model.encode(rows[i]["prompt"]))
-    r = res[49]
-    assert r["finish_reason"] == "stop" and r["text"] == apr_numba.generate(model, "1, 2, 3, 4,", max_tokens=12,
-                                                                            stop=[" 6"])
+    model = apr_numba.load("smollm2-135m", backend="cpu", n_ctx=256)
+    finish = {"eos": "stop", "stop": "stop", "length": "length"}
+    for i, kw in ((0, {}), (44, {}), (49, {"max_tokens": 12, "stop": [" 6"]})):
+        ref = apr_numba.run(model, rows[i]["prompt"], **dict({"max_tokens": MAX_TOKENS}, **kw))
+        assert res[i]["token_ids"] == ref.token_ids and res[i]["text"] == ref.text
+        assert res[i]["finish_reason"] == finish[ref.stop_reason]
+        assert res[i]["prompt_tokens"] == len(ref.prompt_token_ids)
+        assert res[i]["completion_tokens"] == len(ref.token_ids)
+    assert res[49]["finish_reason"] == "stop" and " 6" not in res[49]["text"]
 
 
 def test_batch_ray_equals_local(batch_local, ray_cluster, tmp_path):
     src, res = batch_local
     out = tmp_path / "out.parquet"
-    apr_numba.generate_batch("smollm2-135m", src, out, max_tokens=8, shard_size=10, backend="ray", workers=2)
+    apr_numba.generate_batch("smollm2-135m", src, out, max_tokens=MAX_TOKENS, shard_size=10, n_ctx=256, backend="ray",
+                             workers=2)
     got = pq.read_table(out).to_pylist()
     assert [g["id"] for g in got] == [r["id"] for r in res]
     assert [g["token_ids"] for g in got] == [r["token_ids"] for r in res]
