@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import apr_numba
-from apr_numba.cli import main
+from apr_numba.cli.main import main
 from apr_numba.errors import ArgumentError
-from apr_numba.jobs.io import plan_shards, read_shard
+from apr_numba.jobs.shards import plan_shards, read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DOCS = 2000

@@ -44,8 +44,8 @@ def _summary(stats: dict, unit: str) -> None:
 
 def run_embed(a) -> int:
     """``apr-numba embed MODEL --input FILE --output FILE`` for parsed args ``a``."""
-    from ..errors import ArgumentError
-    from .embed_job import embed_corpus
+    from apr_numba.errors import ArgumentError
+    from apr_numba.jobs.embed_job import embed_corpus
 
     if a.texts:
         raise ArgumentError("pass TEXT arguments or --input FILE, not both")
@@ -83,8 +83,8 @@ def add_batch_parser(sub) -> None:
 
 def run_batch(a) -> int:
     """Execute ``apr-numba batch`` for parsed args ``a``."""
-    from ..errors import ArgumentError
-    from .generate_job import generate_batch
+    from apr_numba.errors import ArgumentError
+    from apr_numba.jobs.generate_job import generate_batch
 
     if not a.output:
         raise ArgumentError("batch needs --output FILE (.jsonl or .parquet)")

@@ -2,7 +2,7 @@
 ``apr-numba embed MODEL --input FILE --output FILE``.
 
 Each document's vector is :func:`apr_numba.embed`'s for that text (same tokenizer, ragged batch, pooling
-and normalisation; see :mod:`apr_numba.embedding`), so it depends neither on the batch, the shard, the
+and normalisation; see :mod:`apr_numba.encoder.embedding`), so it depends neither on the batch, the shard, the
 backend nor the worker that computed it.
 """
 
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArgumentError
-from .io import ROW, SHARD, PartStore, fingerprint, merge_parquet, plan_shards, read_shard, require_pyarrow, where
-from .runner import check_backend, run_job
+from apr_numba.errors import ArgumentError
+from apr_numba.jobs import shards as jio
+from apr_numba.jobs.runner import check_backend, run_job
+from apr_numba.jobs.shards import ROW, SHARD, PartStore, read_shard, require_pyarrow, where
 
 
 def embed_reader(path: str, text_column: str, id_column: str, shard):
@@ -47,9 +48,9 @@ def embed_reader(path: str, text_column: str, id_column: str, shard):
 
 
 def limit_threads(threads: int | None) -> int:
-    """Bound this process's kernel threads: Numba's (:func:`apr_numba.config.set_threads`) and the BLAS
+    """Bound this process's kernel threads: Numba's (:func:`apr_numba.runtime.set_threads`) and the BLAS
     pools' (threadpoolctl, when installed). Returns the Numba thread count."""
-    from .. import config
+    from apr_numba import runtime as config
 
     n = config.set_threads(threads)
     if threads is not None:
@@ -71,14 +72,14 @@ class Embedder:
 
     def __init__(self, model, pooling: str = "mean", normalize: bool = True, max_length: int | None = None,
                  truncate: bool = True, batch_size: int = 32, threads: int | None = None):
-        from ..encoder import load_encoder
+        from apr_numba.encoder.model import load_encoder
 
         n = limit_threads(threads)
         self.model = load_encoder(model, threads=n)
         self.opts = (pooling, normalize, max_length, truncate, int(batch_size))
 
     def __call__(self, table):
-        from ..embedding import embed_ids
+        from apr_numba.encoder.embedding import embed_ids
 
         pa = require_pyarrow()
         pooling, normalize, max_length, truncate, batch_size = self.opts
@@ -152,7 +153,7 @@ def embed_corpus(model, input, output, *, backend: str = "local", text_column: s
 
     Args:
         model: encoder registry name (``"minilm-l6"``), HF folder or ``.apr`` path (an
-            :class:`~apr_numba.encoder.EncoderModel` works with ``backend="local"`` only).
+            :class:`~apr_numba.encoder.model.EncoderModel` works with ``backend="local"`` only).
         input: ``.jsonl`` / ``.parquet`` with a ``text_column`` (and optionally ``id_column``), or plain text
             with one document per line (ids are then the 0-based line indices).
         output: ``.parquet`` (columns ``id``, ``vector`` fixed_size_list<float32>[hidden], one row per
@@ -185,8 +186,8 @@ def embed_corpus(model, input, output, *, backend: str = "local", text_column: s
     spec = _model_spec(model)
     if backend == "ray" and not isinstance(spec, str):
         raise ArgumentError("backend='ray' needs the model as a name or path (each actor loads its own copy)")
-    shards = plan_shards(input, shard_size, columns=(text_column,))
-    config = {"job": "embed", "input": fingerprint(input), "model": str(spec), "text_column": text_column,
+    shards = jio.plan_shards(input, shard_size, columns=(text_column,))
+    config = {"job": "embed", "input": jio.fingerprint(input), "model": str(spec), "text_column": text_column,
               "id_column": id_column, "pooling": pooling, "normalize": bool(normalize), "max_length": max_length,
               "truncate": bool(truncate), "shard_size": int(shard_size), "format": fmt}
     store = PartStore(output, config, len(shards), overwrite=overwrite)
@@ -198,6 +199,6 @@ def embed_corpus(model, input, output, *, backend: str = "local", text_column: s
     if fmt == "npy":
         _merge_npy(store, output, stats["rows"])
     else:
-        merge_parquet(store, output)
+        jio.merge_parquet(store, output)
     store.remove()
     return dict(stats, output=str(output))

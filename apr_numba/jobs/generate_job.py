@@ -5,7 +5,7 @@ A row is ``{"prompt": str}`` (plain text continued as is, or wrapped in the chat
 or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (always through the model's chat template, with the
 generation prompt added), plus optional ``id`` and sampling fields ``max_tokens``, ``temperature``, ``top_p``,
 ``top_k``, ``repeat_penalty``, ``seed``, ``stop`` (a string or a list); missing fields take the job's defaults.
-Plain-text input is one prompt per line. Each row runs :func:`apr_numba.generate.generate_events` on a
+Plain-text input is one prompt per line. Each row runs :func:`apr_numba.generation.generate.generate_events` on a
 fresh KV cache, so a row's output does not depend on the other rows, the shard, the backend or the worker.
 """
 
@@ -16,10 +16,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..errors import ArgumentError
-from . import io as jio
-from .io import JSONL, PARQUET, ROW, SHARD, PartStore, read_shard, require_pyarrow, where
-from .runner import check_backend, run_job
+from apr_numba.errors import ArgumentError
+from apr_numba.jobs import shards as jio
+from apr_numba.jobs.runner import check_backend, run_job
+from apr_numba.jobs.shards import JSONL, PARQUET, ROW, SHARD, PartStore, read_shard, require_pyarrow, where
 
 PARAMS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float,
           "seed": int}
@@ -88,15 +88,15 @@ class Generator:
 
     def __init__(self, model, defaults: dict, chat: bool = False, n_ctx: int | None = None,
                  threads: int | None = None):
-        from ..model import load
-        from .embed_job import limit_threads
+        from apr_numba.jobs.embed_job import limit_threads
+        from apr_numba.model.decoder import load
 
         n = limit_threads(threads)
         self.model = load(model, backend="cpu", threads=n, n_ctx=n_ctx)
         self.defaults, self.chat = dict(defaults), bool(chat)
 
     def _ids(self, req: dict) -> list[int]:
-        from ..generate import prompt_ids
+        from apr_numba.generation.generate import prompt_ids
 
         if "messages" in req:
             tok = self.model.tokenizer
@@ -105,8 +105,8 @@ class Generator:
         return prompt_ids(self.model, req["prompt"], self.chat)
 
     def __call__(self, table):
-        from ..generate import GenerationResult, generate_events
-        from ..sampling import SamplingParams
+        from apr_numba.generation.generate import GenerationResult, generate_events
+        from apr_numba.generation.sampling import SamplingParams
 
         pa = require_pyarrow()
         out = {k: [] for k in ("text", "prompt_tokens", "completion_tokens", "finish_reason", "token_ids")}
@@ -169,8 +169,8 @@ def generate_batch(model, rows_or_input, output=None, *, backend: str = "local",
         ArgumentError: bad arguments, a bad row (file and line named), bad output suffix, existing output without
             ``overwrite``, Ray not installed; ModelFormatError / PullError: the model could not be loaded.
     """
-    from ..generate import check_max_tokens
-    from ..sampling import SamplingParams
+    from apr_numba.generation.generate import check_max_tokens
+    from apr_numba.generation.sampling import SamplingParams
 
     check_max_tokens(max_tokens)
     SamplingParams(temperature, top_k, top_p, repeat_penalty, seed=seed).validate()
@@ -202,7 +202,7 @@ def locals_of_call(d: dict) -> dict:
 
 
 def _run_file(model, src: Path, dst: Path, o: dict) -> dict:
-    from .embed_job import _model_spec
+    from apr_numba.jobs.embed_job import _model_spec
 
     o = locals_of_call(o)
     kind = _output_kind(dst)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from ..errors import AprError, ArgumentError
-from .io import INSTALL_HINT, SHARD, Shard
+from apr_numba.errors import AprError, ArgumentError
+from apr_numba.jobs.shards import INSTALL_HINT, SHARD, Shard
 
 
 def require_ray():

@@ -7,8 +7,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from ..errors import ArgumentError
-from .io import PartStore, Shard
+from apr_numba.errors import ArgumentError
+from apr_numba.jobs.shards import PartStore, Shard
 
 BACKENDS = ("local", "ray")
 
@@ -23,7 +23,7 @@ def check_backend(backend: str, workers: int, threads: int | None) -> None:
     if threads is not None and int(threads) < 1:
         raise ArgumentError(f"threads must be >= 1, got {threads}")
     if backend == "ray":
-        from .ray_backend import require_ray
+        from apr_numba.jobs.ray_backend import require_ray
 
         require_ray()
 
@@ -59,7 +59,7 @@ def run_job(shards: list[Shard], store: PartStore, reader: Callable, worker_cls,
                 for s in pending:
                     write(s.index, worker(reader(s)))
         else:
-            from .ray_backend import run_ray
+            from apr_numba.jobs.ray_backend import run_ray
 
             run_ray(pending, reader, worker_cls, worker_kwargs, write, address=ray_address, workers=int(workers),
                     threads=int(threads or 1))

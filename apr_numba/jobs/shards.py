@@ -26,7 +26,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import ArgumentError
+from apr_numba.errors import ArgumentError
 
 TEXT, JSONL, PARQUET = "text", "jsonl", "parquet"
 ROW, SHARD = "_row", "_shard"  # columns every shard table carries: the global record index and the shard index
