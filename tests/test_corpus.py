@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from threadpoolctl import threadpool_limits
 
 import apr_numba
 from apr_numba.cli.main import main
@@ -52,7 +53,9 @@ def corpus(tmp_path_factory, encoder):
             f.write(json.dumps({"id": i, "text": t, "extra": 1}) + "\n")
             if i.endswith("7"):
                 f.write("\n")  # blank lines are not records
-    return path, ids, texts, apr_numba.embed(encoder, texts)
+    with threadpool_limits(limits=1, user_api="blas"):  # the jobs' BLAS setting (see single_threaded_blas)
+        ref = apr_numba.embed(encoder, texts)
+    return path, ids, texts, ref
 
 
 def read_vectors(path: Path) -> tuple[list, np.ndarray]:
@@ -211,7 +214,9 @@ def test_cli_embed_and_errors(tmp_path, capsys, corpus):
     txt = tmp_path / "d.txt"
     txt.write_text("a cat\nthe dog sat\n")
     assert main(["embed", "minilm-l6", "--input", str(txt), "--output", str(tmp_path / "o.npy")]) == 0
-    assert np.array_equal(np.load(tmp_path / "o.npy"), apr_numba.embed("minilm-l6", ["a cat", "the dog sat"]))
+    with threadpool_limits(limits=1, user_api="blas"):
+        ref = apr_numba.embed("minilm-l6", ["a cat", "the dog sat"])
+    assert np.array_equal(np.load(tmp_path / "o.npy"), ref)
     assert "2 docs" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 3}\n')

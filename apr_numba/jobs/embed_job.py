@@ -1,13 +1,14 @@
 """Corpus embedding: ``apr_numba.embed_corpus(model, input, output, backend="local"|"ray")`` and
 ``apr-numba embed MODEL --input FILE --output FILE``.
 
-Each document's vector is :func:`apr_numba.embed`'s for that text (same tokenizer, ragged batch, pooling
-and normalisation; see :mod:`apr_numba.encoder.embedding`), so it depends neither on the batch, the shard, the
-backend nor the worker that computed it.
+Each document's vector is :func:`apr_numba.embed`'s for that text run with BLAS on one thread (same tokenizer,
+ragged batch, pooling and normalisation; see :mod:`apr_numba.encoder.embedding` and
+:func:`single_threaded_blas`), so it depends neither on the batch, the shard, the backend nor the worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from pathlib import Path
@@ -48,19 +49,25 @@ def embed_reader(path: str, text_column: str, id_column: str, shard):
 
 
 def limit_threads(threads: int | None) -> int:
-    """Bound this process's kernel threads: Numba's (:func:`apr_numba.runtime.set_threads`) and the BLAS
-    pools' (threadpoolctl, when installed). Returns the Numba thread count."""
+    """Bound this process's Numba kernel threads (:func:`apr_numba.runtime.set_threads`). Returns the count."""
     from apr_numba import runtime as config
 
-    n = config.set_threads(threads)
-    if threads is not None:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            pass
-        else:
-            threadpool_limits(limits=int(threads))
-    return n
+    return config.set_threads(threads)
+
+
+def single_threaded_blas():
+    """Context manager: BLAS (scipy's OpenBLAS, the prefill sgemm) on one thread while a worker computes.
+
+    OpenBLAS's sgemm gives different float32 bits on 1 and on 2+ threads, so a job whose result must not depend
+    on the worker (its node's core count, ``--threads``) pins BLAS to one thread everywhere, local and Ray
+    alike; the Numba kernels, whose results do not depend on the thread count, do the parallel work. The
+    previous BLAS limits are restored on exit. A no-op when threadpoolctl is missing.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 class Embedder:
@@ -87,8 +94,9 @@ class Embedder:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if truncate else "error")
             ids = self.model.tokenize(texts, max_length=max_length, truncate=truncate)
-        vec = embed_ids(self.model, ids, pooling, normalize, batch_size) if texts else \
-            np.zeros((0, self.model.hidden_size), np.float32)
+        with single_threaded_blas():
+            vec = embed_ids(self.model, ids, pooling, normalize, batch_size) if texts else \
+                np.zeros((0, self.model.hidden_size), np.float32)
         flat = pa.array(np.ascontiguousarray(vec, np.float32).reshape(-1), pa.float32())
         return pa.table({SHARD: table.column(SHARD), "id": table.column("id"),
                          "vector": pa.FixedSizeListArray.from_arrays(flat, vec.shape[1])})

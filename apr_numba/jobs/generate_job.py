@@ -105,6 +105,12 @@ class Generator:
         return prompt_ids(self.model, req["prompt"], self.chat)
 
     def __call__(self, table):
+        from apr_numba.jobs.embed_job import single_threaded_blas
+
+        with single_threaded_blas():
+            return self._run(table)
+
+    def _run(self, table):
         from apr_numba.generation.generate import GenerationResult, generate_events
         from apr_numba.generation.sampling import SamplingParams
 
