@@ -12,7 +12,7 @@ PROMPT ?= The three primary colors are
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 # warmup compiles the Numba kernels into the cache (progress on a terminal; seconds when already warm).

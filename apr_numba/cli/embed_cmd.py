@@ -1,4 +1,5 @@
-"""``apr-numba embed MODEL TEXT... [--pooling mean|cls] [--no-normalize] [--json] [--no-truncate]``.
+"""``apr-numba embed MODEL TEXT... [--pooling mean|cls] [--no-normalize] [--json] [--no-truncate]``, and the corpus
+job ``apr-numba embed MODEL --input FILE --output FILE`` (:mod:`apr_numba.cli.jobs_cmd`).
 
 Kept apart from :mod:`apr_numba.encoder.embedding` so that building the CLI parser imports nothing heavy.
 stdout holds only the embeddings (one line of space-separated floats per text, or one JSON object);
@@ -18,7 +19,7 @@ def add_parser(sub) -> None:
     """Register the ``embed`` subcommand on an argparse subparsers object."""
     p = sub.add_parser("embed", help="sentence embeddings from an encoder (BERT) model")
     p.add_argument("model", help="registry name (minilm-l6), HF model directory, or .apr path")
-    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (or --input FILE)")
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="default: mean")
     p.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
     p.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=True,
@@ -27,15 +28,25 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    from apr_numba.cli.jobs_cmd import add_embed_args
+
+    add_embed_args(p)
 
 
 def run(a) -> int:
     """Execute ``embed`` for parsed args ``a``. Errors propagate as :class:`~apr_numba.errors.AprError`."""
+    if a.input is not None:
+        from apr_numba.cli.jobs_cmd import run_embed
+
+        return run_embed(a)
     from apr_numba import runtime as config
     from apr_numba.encoder.embedding import embed_ids
     from apr_numba.encoder.model import load_encoder
     from apr_numba.encoder.texts import check_texts
+    from apr_numba.errors import ArgumentError
 
+    if not a.texts:
+        raise ArgumentError("nothing to embed: pass TEXT arguments or --input FILE")
     texts = check_texts(a.texts)
     model = load_encoder(a.model, threads=a.threads)
     with warnings.catch_warnings(record=True) as caught:

@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from apr_numba.cli.apr_cmds import add_import, cmd_import
+from apr_numba.cli.jobs_cmd import add_batch_parser, run_batch
 from apr_numba.cli.trace_cmds import add_bisect, add_diff, add_trace, cmd_bisect, cmd_diff, cmd_trace
 from apr_numba.errors import AprError
 from apr_numba.hub.registry import DEFAULT_MODEL
@@ -303,7 +304,8 @@ COMMANDS = {"run": (_add_run, _cmd_run), "inspect": (_add_inspect, _cmd_inspect)
             "bench": (_add_bench, _cmd_bench), "embed": (_add_embed, _cmd_embed),
             "import": (add_import, cmd_import), "trace": (add_trace, cmd_trace), "diff": (add_diff, cmd_diff),
             "bisect": (add_bisect, cmd_bisect), "gates": (_add_gates, _cmd_gates), "serve": (_add_serve, _cmd_serve),
-            "chat": (_add_chat, _cmd_chat), "warmup": (_add_warmup, _cmd_warmup)}
+            "chat": (_add_chat, _cmd_chat), "warmup": (_add_warmup, _cmd_warmup),
+            "batch": (add_batch_parser, run_batch)}
 
 
 def build_parser() -> argparse.ArgumentParser:
