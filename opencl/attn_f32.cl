@@ -17,8 +17,10 @@
 // n_keys keys (causal-mask-off; the window is then off too, as in the CPU path), kv_shift maps head h to KV head (h / n_rep + kv_shift) % n_kv (gqa-map),
 // no_max skips the max subtraction and overflows like float16 (softmax-no-max); attn-scale is the host
 // passing scale 1. With capture, the scaled scores and the softmax weights of row t, head h go to
-// cap_s / cap_p [(h * ntok + t) * cap_nk + p], p in [lo, n) (aprender stages attn_scores / attn_softmax;
-// the host zero-fills the rest, as the CPU capture).
+// cap_s / cap_p [(h * ntok + t) * cap_nk + p] (aprender stages attn_scores / attn_softmax; the host
+// zero-fills the buffers): scores for p < n, i.e. before the mask but zero above the diagonal, including
+// the keys before a sliding window (the stage definition in apr_numba.arch.stages and the float64
+// reference), and the softmax weights for p in [lo, n), zero where masked.
 
 #ifndef WG
 #define WG 64        // work-group size (power of two), set from the device at build time
@@ -61,6 +63,14 @@ kernel void kernel_attn_f32(
         sc[p] = acc;
         mx = fmax(mx, acc);
         if (capture) cap_s[((size_t)h * get_num_groups(2) + t) * cap_nk + p] = acc;
+    }
+    if (capture) {  // attn_scores is "before the mask": the keys before a sliding window too
+        for (int p = lid; p < lo; p += WG) {
+            global const float *k = kc + (size_t)p * kv_dim;
+            float acc = 0.0f;
+            for (int d = 0; d < HEAD_DIM; ++d) acc += q[d] * k[d];
+            cap_s[((size_t)h * get_num_groups(2) + t) * cap_nk + p] = acc * scale;
+        }
     }
     red[lid] = mx;
     barrier(CLK_LOCAL_MEM_FENCE);

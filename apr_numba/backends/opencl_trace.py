@@ -6,17 +6,18 @@
     (trace_off int64 (N_STAGES, n_layer), trace_buf float32 (n,), layer_fault int64 (n_layer, N_FAULTS),
      rope_cos_alt, rope_sin_alt (float32 RoPE tables with the wrong base), eps_alt)
 
-A stage whose offset is >= 0 is read back from the device buffer that holds it, right after the kernel
-that produced it, and written to ``trace_buf[off:]`` as (T, width) row-major; attn_scores / attn_softmax
-come from the attention kernel's capture outputs as (n_head, T, pos0 + T), zeros where masked (above the
-diagonal and, on sliding-window layers, before the window); moe_router_indices (the host's top-k ids, as
-floats) is written from the host; whole-model stages use layer 0. Every read is a counted device-to-host
-copy. The teaching faults (apr_numba.arch.stages) change kernel arguments only: rope-theta (the alt
-tables, uploaded once per call, on every layer whatever its own base), rope-style (NORM <-> NEOX),
-attn-scale (scale 1 instead of the model's attention scale), causal-mask-off (every row sees pos0 + T
-keys, no window), gqa-map (KV head shifted by one), qkv-bias-drop, softmax-no-max (no max subtraction,
-float16 overflow), ffn-swap (gate and up swapped), rmsnorm-eps (eps_alt in every norm of the layer:
-pre-norms, QK-norm, post-norms). A traced call runs as one chunk, as the CPU forward does, so
+A stage whose offset is >= 0 is read back from the device buffer that holds it, right after the kernel that
+produced it, and written to ``trace_buf[off:]`` as (T, width) row-major; attn_scores / attn_softmax come
+from the attention kernel's capture outputs as (n_head, T, pos0 + T): scores before the mask, zero above the
+diagonal (on sliding-window layers the keys before the window keep their scores, as the stage is defined and
+the float64 reference records them; the Numba CPU capture leaves them 0), softmax zero where masked;
+moe_router_indices (the host's top-k ids, as floats) is written from the host; whole-model stages use layer
+0. Every read is a counted device-to-host copy. The teaching faults (apr_numba.arch.stages) change kernel
+arguments only: rope-theta (the alt tables, uploaded once per call, on every layer whatever its own base),
+rope-style (NORM <-> NEOX), attn-scale (scale 1 instead of the model's attention scale), causal-mask-off
+(every row sees pos0 + T keys, no window), gqa-map (KV head shifted by one), qkv-bias-drop, softmax-no-max
+(no max subtraction, float16 overflow), ffn-swap (gate and up swapped), rmsnorm-eps (eps_alt in every norm
+of the layer: pre-norms, QK-norm, post-norms). A traced call runs as one chunk, as the CPU forward does, so
 causal-mask-off sees the same keys.
 """
 
