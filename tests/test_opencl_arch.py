@@ -241,3 +241,85 @@ def test_moe_enqueues_only_the_chosen_experts(tiny, monkeypatch):
             read = {b[0].int_ptr for b in mats} & used
             assert read == ({b[0].int_ptr for b in mats} if e in want else set()), (layer, e)
     assert len(used) < sum(3 * len(lw["experts"]) for lw in be.layers)  # some experts were never read
+
+
+# -- the new kernels against NumPy float64 oracles ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prg():
+    from apr_numba.backends.opencl_kernels import Programs, find_device
+
+    info, dev = find_device()
+    return Programs(info, dev, head_dim=32)
+
+
+def _buf(prg, arr):
+    import pyopencl as cl
+
+    return cl.Buffer(prg.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(arr))
+
+
+def _read(prg, b, shape):
+    import pyopencl as cl
+
+    out = np.empty(shape, np.float32)
+    cl.enqueue_copy(prg.queue, out, b)
+    return out
+
+
+def test_sliding_window_attention_kernel(prg):
+    """Keys q - window < k <= q only (HF sliding_window); the scores capture keeps the keys before the window."""
+    rng = np.random.default_rng(5)
+    hd, n_head, n_kv, T, pos0, n_ctx, win = 32, 4, 2, 6, 3, 16, 3
+    q_dim, kv_dim, n_rep = n_head * hd, n_kv * hd, n_head // n_kv
+    qkv = rng.standard_normal((T, q_dim + 2 * kv_dim)).astype(np.float32)
+    kc, vc = (rng.standard_normal((1, n_ctx, kv_dim)).astype(np.float32) for _ in range(2))
+    kc[0, pos0 + T:] = vc[0, pos0 + T:] = np.nan  # never read
+    nk = pos0 + T
+    out, scores = _buf(prg, np.zeros((T, q_dim), np.float32)), _buf(prg, np.zeros(T * n_head * n_ctx, np.float32))
+    cap_s, cap_p = (_buf(prg, np.zeros((n_head, T, nk), np.float32)) for _ in range(2))
+    wg, scale = prg.tuning.wg, 0.3
+    prg.attn(prg.queue, (wg, n_head, T), (wg, 1, 1), _buf(prg, qkv), qkv.shape[1], _buf(prg, kc), _buf(prg, vc), 0,
+             kv_dim, n_rep, pos0, scores, n_ctx, out, q_dim, np.float32(scale), win, 0, 0, 0, 1, cap_s, cap_p, nk)
+    q = qkv[:, :q_dim].reshape(T, n_head, hd).astype(np.float64)
+    k, v = (c[0, :nk].reshape(nk, n_kv, hd).astype(np.float64) for c in (kc, vc))
+    want, want_s, want_p = np.zeros((T, n_head, hd)), np.zeros((n_head, T, nk)), np.zeros((n_head, T, nk))
+    for t in range(T):
+        p_q, lo = pos0 + t, max(0, pos0 + t - win + 1)
+        for h in range(n_head):
+            s = k[:p_q + 1, h // n_rep] @ q[t, h] * scale
+            want_s[h, t, :p_q + 1] = s
+            e = np.exp(s[lo:] - s[lo:].max())
+            want_p[h, t, lo:p_q + 1] = e / e.sum()
+            want[t, h] = want_p[h, t, lo:p_q + 1] @ v[lo:p_q + 1, h // n_rep]
+    np.testing.assert_allclose(_read(prg, out, (T, q_dim)), want.reshape(T, q_dim), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_read(prg, cap_s, want_s.shape), want_s, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_read(prg, cap_p, want_p.shape), want_p, rtol=1e-4, atol=1e-6)
+
+
+def test_geglu_qk_norm_scale_softcap_kernels(prg):
+    rng = np.random.default_rng(6)
+    n_ff, T = 96, 3
+    gu = (rng.standard_normal((T, 2 * n_ff)) * 3).astype(np.float32)
+    act = _buf(prg, np.zeros((T, n_ff), np.float32))
+    prg.swiglu(prg.queue, (n_ff, T), None, _buf(prg, gu), act, n_ff, 0, 1)
+    g, u = gu[:, :n_ff].astype(np.float64), gu[:, n_ff:].astype(np.float64)
+    gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))  # HF gelu_pytorch_tanh
+    np.testing.assert_allclose(_read(prg, act, (T, n_ff)), gelu * u, rtol=1e-5, atol=1e-5)
+
+    hd, nh, width, col0 = 32, 3, 200, 8
+    x = rng.standard_normal((T, width)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(hd)).astype(np.float32)
+    xb = _buf(prg, x)
+    prg.rms_norm_heads(prg.queue, (prg.tuning.wg, nh, T), (prg.tuning.wg, 1, 1), xb, width, col0, hd, _buf(prg, w),
+                       np.float32(1e-6))
+    want = x.astype(np.float64).copy()
+    heads = want[:, col0:col0 + nh * hd].reshape(T, nh, hd)
+    want[:, col0:col0 + nh * hd] = (heads / np.sqrt((heads ** 2).mean(-1, keepdims=True) + 1e-6) * w).reshape(T, -1)
+    np.testing.assert_allclose(_read(prg, xb, x.shape), want, rtol=1e-5, atol=1e-6)  # other columns untouched
+
+    y = (rng.standard_normal(64) * 20).astype(np.float32)
+    yb = _buf(prg, y)
+    prg.scale(prg.queue, (y.size,), None, yb, np.float32(8.0))
+    prg.softcap(prg.queue, (y.size,), None, yb, np.float32(30.0))
+    np.testing.assert_allclose(_read(prg, yb, y.shape), 30.0 * np.tanh(y.astype(np.float64) * 8 / 30), rtol=1e-5)
