@@ -340,8 +340,7 @@ def _regression_backends():
 
         def _upload_weights(self, src):
             super()._upload_weights(src)
-            c = self.config
-            self.head = self._matrix(src, "token_embd.weight", (c.n_vocab, c.n_embd))
+            self.head = self._matrix(src, self.spec.model_tensors()["token_embd.weight"])
 
     class ReuploadPerToken(OpenCLBackend):
         """GWR-003 regression: a weight is copied to the device again on every forward."""

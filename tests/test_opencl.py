@@ -176,7 +176,7 @@ def test_attention_gqa_causal(prg):
     wg = prg.tuning.wg
     prg.attn(prg.queue, (wg, n_head, T_), (wg, 1, 1), buf(prg, qkv), qkv.shape[1], buf(prg, kc), buf(prg, vc),
              n_ctx * kv_dim, kv_dim, n_head // n_kv, pos0, scores, n_ctx, out, q_dim, np.float32(1 / np.sqrt(hd)),
-             0, 0, 0, 0, scores, scores, 0)
+             0, 0, 0, 0, 0, scores, scores, 0)
     ref = naive_attention(qkv[:, :q_dim].reshape(T_, n_head, hd).astype(np.float64),
                           kc[1].reshape(n_ctx, n_kv, hd).astype(np.float64),
                           vc[1].reshape(n_ctx, n_kv, hd).astype(np.float64), pos0, n_head // n_kv)
@@ -188,7 +188,7 @@ def test_swiglu_add_argmax(prg):
     n_ff, T_ = 96, 3
     gu = rng.standard_normal((T_, 2 * n_ff)).astype(np.float32) * 4
     act = buf(prg, nbytes=4 * T_ * n_ff)
-    prg.swiglu(prg.queue, (n_ff, T_), None, buf(prg, gu), act, n_ff, 0)
+    prg.swiglu(prg.queue, (n_ff, T_), None, buf(prg, gu), act, n_ff, 0, 0)
     g, u = gu[:, :n_ff].astype(np.float64), gu[:, n_ff:].astype(np.float64)
     assert nmse(read(prg, act, (T_, n_ff)), g / (1 + np.exp(-g)) * u) < 1e-12
 

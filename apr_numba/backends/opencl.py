@@ -3,26 +3,36 @@
 It executes the model's :class:`~apr_numba.arch.spec.ArchSpec` (the features in :data:`IMPLEMENTS`; a model
 needing another is refused at construction with a message naming it, and the parity gate falls back to the
 CPU), loads the tensors the spec names through :mod:`apr_numba.model.plan`, with the CPU path's step order
-and math; see ``cpu_forward.py`` for the stage names. Each matrix is uploaded once, at construction,
-as the raw GGML blocks of the model file (zero repacking: the kernels decode blocks with
-``vload_half``), so device weight bytes equal the model's tensor bytes (gate GWR-001). Norm weights
-and QKV biases are float32 in the file and uploaded as they are (the three biases of a layer side by
-side); the RoPE cos/sin tables (the CPU path's float32 tables) are *auxiliary* bytes, counted apart.
+and math; see ``cpu_forward.py`` for the stage names. Block features and their kernels: QKV bias
+(``add_f32.cl``), QK-norm (``arch_ops_f32.cl`` rms_norm_heads, before RoPE), post-norms
+(``rms_norm_f32.cl``), SwiGLU / GeGLU (``swiglu_f32.cl``, act_type), the embedding scale and final logit
+soft-cap (``arch_ops_f32.cl``), the attention scale and per-layer sliding window (``attn_f32.cl``
+arguments), the per-layer RoPE tables (gemma3's local base; ``rope_freqs`` divisors) and the
+mixture-of-experts FFN (:mod:`apr_numba.backends.opencl_moe`). Attention logit soft-capping
+(``attn_softcap``) is not implemented.
 
-Transfers (gates GWR-003 and the issue's counters). Per :meth:`run` call ("step") the host writes only
-the token ids (int32: 4 bytes per token, one copy) and reads back only the requested logits
-(4 * n_vocab bytes per logits row, one copy per prefill chunk), or with :meth:`eval_argmax` 4 bytes.
-A decode step therefore moves 4 bytes host-to-device and 4 * n_vocab (or 4) bytes device-to-host,
-with ``weight_uploads == 0``. Every copy goes through :meth:`OpenCLBackend._h2d` / ``_d2h`` and is
-counted in ``counters`` (totals since load), ``last_step`` (the latest call) and ``load_counters``.
+Each matrix is uploaded once, at construction, as the raw GGML blocks of the model file (zero repacking: the
+kernels decode blocks with ``vload_half``), so device weight bytes equal the model's tensor bytes (gate
+GWR-001). Norm weights (QK-norm included) and QKV biases are float32 in the file and uploaded as they are
+(the three biases of a layer side by side); the RoPE cos/sin tables (the CPU path's float32 tables) are
+*auxiliary* bytes, counted apart.
+
+Transfers (gates GWR-003 and the issue's counters). Per :meth:`run` call ("step") the host writes only the
+token ids (int32: 4 bytes per token, one copy) and reads back only the requested logits (4 * n_vocab bytes
+per logits row, one copy per prefill chunk), or with :meth:`eval_argmax` 4 bytes. A decode step therefore
+moves 4 bytes host-to-device and 4 * n_vocab (or 4) bytes device-to-host, with ``weight_uploads == 0``; a
+MoE model also reads back its router logits, 4 * n_expert bytes per token and layer (the host picks the
+top-k experts, :mod:`apr_numba.backends.opencl_moe`). Every copy goes through :meth:`OpenCLBackend._h2d` /
+``_d2h`` and is counted in ``counters`` (totals since load), ``last_step`` (the latest call) and
+``load_counters``.
 
 Prefill runs in chunks of ``max_batch`` tokens (default 32) through a real matrix-matrix kernel
 (``matvec_f32.cl`` with ntok > 1: each decoded weight chunk serves TB tokens).
 
 Errors: :class:`~apr_numba.backends.opencl_kernels.OpenCLError` (no device, build failure),
 :class:`~apr_numba.errors.ModelFormatError` (a tensor without an OpenCL kernel or a bad shape),
-``pyopencl.Error`` from the driver (out of device memory...). The parity gate turns any of them into
-a CPU fallback.
+``pyopencl.Error`` from the driver (out of device memory...). The parity gate turns any of them into a CPU
+fallback.
 """
 
 from __future__ import annotations
@@ -32,16 +42,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyopencl as cl
 
-from apr_numba.arch.spec import POST_ATTN_NORM, POST_FFN_NORM, ArchSpec
+from apr_numba.arch.spec import K_NORM, POST_ATTN_NORM, POST_FFN_NORM, Q_NORM, ArchSpec
 from apr_numba.arch.stages import STAGE
 from apr_numba.backends.opencl_kernels import WTYPES, OpenCLError, Programs, find_device
+from apr_numba.backends.opencl_moe import MoEScratch, moe_ffn, upload_experts
 from apr_numba.errors import ArgumentError, ModelFormatError
 from apr_numba.kernels.rope import spec_rope_tables
 from apr_numba.model import plan
 from apr_numba.model.weights import LAYER_MATS
 
 # ArchSpec features the device forward executes (apr_numba.arch.traits.FEATURES).
-IMPLEMENTS = frozenset({"qkv_bias", "post_attn_norm", "post_ffn_norm", "rope_freqs"})
+IMPLEMENTS = frozenset({"qkv_bias", "qk_norm", "post_attn_norm", "post_ffn_norm", "gelu_tanh", "embed_scale",
+                        "final_softcap", "sliding_window", "rope_freqs", "moe", "attn_scale"})
 
 MF = cl.mem_flags
 
@@ -70,12 +82,12 @@ def _no_grab(*_args) -> None:
 
 class _Faults:
     """Per-layer kernel arguments that tracing may change (``opencl_trace.DeviceTrace.layer``); the
-    backend's own instance holds the normal values."""
+    backend's own instance holds the normal values (cos / sin None: the layer's own RoPE tables)."""
 
     def __init__(self, backend: OpenCLBackend):
         c = backend.config
-        self.eps, self.scale = np.float32(c.rms_eps), np.float32(1.0 / np.sqrt(c.head_dim))
-        self.rope_type, self.cos, self.sin = backend.spec.rope_type, backend.rope_cos, backend.rope_sin
+        self.eps, self.scale = np.float32(c.rms_eps), np.float32(backend.spec.attn_scale)
+        self.rope_type, self.cos, self.sin = backend.spec.rope_type, None, None
         self.bias_drop = self.ffn_swap = False
         self.n_keys = self.kv_shift = self.no_max = self.capture = self.cap_nk = 0
         self.cap_s = self.cap_p = backend.argmax_buf  # not written unless capture
@@ -122,7 +134,8 @@ class OpenCLBackend:
         device_name, device (DeviceInfo), is_gpu, tuning, weight_bytes (device bytes of model tensors),
         weight_buffers (their cl.Buffers), weight_flags (their cl.mem_flags: READ_ONLY, plus
         ALLOC_HOST_PTR on unified-memory devices), aux_bytes (RoPE tables), model_bytes (bytes of all
-        tensors of the file), counters, last_step, load_counters, steps (run calls since load).
+        tensors of the file), counters, last_step, load_counters, steps (run calls since load), rope_cos /
+        rope_sin (lists of the RoPE table buffers; layer i uses table rope_layer[i]).
 
     Raises:
         OpenCLError, ModelFormatError, pyopencl.Error (see the module docstring).
@@ -162,8 +175,8 @@ class OpenCLBackend:
         self.weight_buffers: list = []  # every device buffer holding model weights (GWR-001 / GWR-005)
         self._upload_weights(src)
         cos, sin, self.rope_layer = spec_rope_tables(spec, self.n_ctx, plan.rope_freqs(spec, src))
-        self.rope_tabs = [(self._upload(cos[i], aux=True), self._upload(sin[i], aux=True)) for i in range(len(cos))]
-        self.rope_cos, self.rope_sin = self.rope_tabs[0]
+        self.rope_cos = [self._upload(t, aux=True) for t in cos]  # one table per distinct per-layer base
+        self.rope_sin = [self._upload(t, aux=True) for t in sin]
         self._alloc_activations()
         self._plain = _Faults(self)
         self._cur = self.last_step
@@ -182,15 +195,25 @@ class OpenCLBackend:
             self.weight_buffers.append(buf)
         return buf
 
+    @staticmethod
+    def _check_matrix(src, ts):
+        """The source's tensor of matrix ``ts`` (a TensorSpec, last axis = columns) if a kernel can read it.
+
+        Raises:
+            ModelFormatError: its type has no OpenCL kernel, or its columns are not a multiple of 32.
+        """
+        t = plan.tensor(src, ts)
+        if int(t.ggml_type) not in WTYPES:
+            raise ModelFormatError(f"{src.path}: {ts.name}: GGML type {t.type_name} has no OpenCL kernel")
+        if ts.shape[-1] % 32:
+            raise ModelFormatError(f"{src.path}: {ts.name}: {ts.shape[-1]} columns is not a multiple of 32")
+        return t
+
     def _matrix(self, src, ts) -> tuple:
         """(buffer of the raw GGML blocks, ggml type, cols, rows) of matrix ``ts`` (a TensorSpec)."""
-        t = plan.tensor(src, ts)
-        name, shape = ts.name, ts.shape
-        if int(t.ggml_type) not in WTYPES:
-            raise ModelFormatError(f"{src.path}: {name}: GGML type {t.type_name} has no OpenCL kernel")
-        if shape[1] % 32:
-            raise ModelFormatError(f"{src.path}: {name}: {shape[1]} columns is not a multiple of 32")
-        return self._upload(np.asarray(src.data(name)).view(np.uint8)), int(t.ggml_type), shape[1], shape[0]
+        t = self._check_matrix(src, ts)
+        buf = self._upload(np.asarray(src.data(ts.name)).view(np.uint8))
+        return buf, int(t.ggml_type), ts.shape[1], ts.shape[0]
 
     def _vector(self, src, specs: list):
         """Float32 vectors (TensorSpecs) side by side, decoded by :func:`apr_numba.model.plan.vector`."""
@@ -205,9 +228,14 @@ class OpenCLBackend:
             lw = {"attn_norm": self._vector(src, [b["attn_norm.weight"]]),
                   "ffn_norm": self._vector(src, [b["ffn_norm.weight"]])}
             for slot in LAYER_MATS:
-                lw[slot] = self._matrix(src, b[slot + ".weight"])
+                if not (spec.n_expert and slot.startswith("ffn_")):
+                    lw[slot] = self._matrix(src, b[slot + ".weight"])
+            if spec.n_expert:
+                lw.update(upload_experts(self, src, b))
             if self.has_bias:
                 lw["bias"] = self._vector(src, [b[f"attn_{x}.bias"] for x in "qkv"])
+            if spec.qk_norm:
+                lw["q_norm"], lw["k_norm"] = self._vector(src, [b[Q_NORM]]), self._vector(src, [b[K_NORM]])
             if spec.post_attn_norm:
                 lw["post_attn_norm"] = self._vector(src, [b[POST_ATTN_NORM]])
             if spec.post_ffn_norm:
@@ -233,6 +261,7 @@ class OpenCLBackend:
         self.scores = buf(B * c.n_head * self.n_ctx)
         self.ids_buf, self.argmax_buf = buf(B, np.int32), buf(1, np.int32)
         self._ids_host = np.zeros(B, np.int32)
+        self.moe_scratch = MoEScratch(self) if self.spec.n_expert else None
 
     # -- transfers -------------------------------------------------------------------------------
     def _h2d(self, buf, arr: np.ndarray) -> None:
@@ -344,6 +373,8 @@ class OpenCLBackend:
         self._h2d(self.ids_buf, ids)
         e = self.embd
         prg.get_rows(e[1], e[0], D, self.ids_buf, self.x, D, T)  # embedding
+        if self.spec.embed_scale != 1.0:
+            prg.scale(q, (T * D,), None, self.x, np.float32(self.spec.embed_scale))
         grab = tr.grab if tr is not None else _no_grab
         grab(STAGE.embedding, 0, self.x, D, 0, D)
         wg = self.tuning.wg
@@ -359,7 +390,11 @@ class OpenCLBackend:
             if self.has_bias and not f.bias_drop:  # qkv_bias
                 prg.add(q, (T * W,), None, self.qkv, lw["bias"], W)
             grab(STAGE.qkv_bias, layer, self.qkv, W, 0, W)
-            cos, sin = (f.cos, f.sin) if f.cos is not self.rope_cos else self.rope_tabs[self.rope_layer[layer]]
+            if "q_norm" in lw:  # QK-norm: RMSNorm of each head, before RoPE
+                for col0, nh, wn in ((0, c.n_head, lw["q_norm"]), (qd, c.n_head_kv, lw["k_norm"])):
+                    prg.rms_norm_heads(q, (wg, nh, T), (wg, 1, 1), self.qkv, W, col0, c.head_dim, wn, f.eps)
+            tab = self.rope_layer[layer]
+            cos, sin = (f.cos, f.sin) if f.cos is not None else (self.rope_cos[tab], self.rope_sin[tab])
             for col0, nh in ((0, c.n_head), (qd, c.n_head_kv)):
                 prg.rope(q, (nh * c.head_dim // 2, T), None, self.qkv, W, col0, c.head_dim, pos0, cos, sin,
                          f.rope_type)
@@ -367,8 +402,8 @@ class OpenCLBackend:
             grab(STAGE.k_post_rope, layer, self.qkv, W, qd, kvd)
             prg.cpy_kv(q, (kvd, T), None, self.qkv, W, qd, kvd, state.k_buf, state.v_buf, off, pos0)
             prg.attn(q, (wg, c.n_head, T), (wg, 1, 1), self.qkv, W, state.k_buf, state.v_buf, off, kvd, c.n_rep,
-                     pos0, self.scores, self.n_ctx, self.att, qd, f.scale, f.n_keys, f.kv_shift, f.no_max,
-                     f.capture, f.cap_s, f.cap_p, f.cap_nk)
+                     pos0, self.scores, self.n_ctx, self.att, qd, f.scale, self.spec.layer_window[layer], f.n_keys,
+                     f.kv_shift, f.no_max, f.capture, f.cap_s, f.cap_p, f.cap_nk)
             if f.capture:
                 tr.grab_attention(layer)
             grab(STAGE.attention, layer, self.att, qd, 0, qd)
@@ -381,32 +416,45 @@ class OpenCLBackend:
             grab(STAGE.post_attn_residual, layer, self.x, D, 0, D)
             prg.rms_norm(q, (wg, T), (wg, 1), self.x, D, 0, lw["ffn_norm"], self.h, D, D, f.eps)
             grab(STAGE.ffn_norm, layer, self.h, D, 0, D)
+            if "experts" in lw:  # the mixture of experts (opencl_moe)
+                moe_ffn(self, lw, layer, T, tr)
+                self._ffn_end(lw, layer, T, f, grab, cap, c0)
+                continue
             for slot, y_off in (("ffn_gate", F if f.ffn_swap else 0), ("ffn_up", 0 if f.ffn_swap else F)):
                 w = lw[slot]
                 prg.matvec(w[1], w[0], w[2], w[3], self.h, D, self.gu, 2 * F, y_off, T)
             grab(STAGE.ffn_gate, layer, self.gu, 2 * F, 0, F)
             grab(STAGE.ffn_up, layer, self.gu, 2 * F, F, F)
+            act = self.spec.activation  # SwiGLU or GeGLU
             if tr is not None and tr.wants(STAGE.ffn_silu, layer):
-                prg.swiglu(q, (F, T), None, self.gu, self.act, F, 1)
+                prg.swiglu(q, (F, T), None, self.gu, self.act, F, 1, act)
                 grab(STAGE.ffn_silu, layer, self.act, F, 0, F)
-            prg.swiglu(q, (F, T), None, self.gu, self.act, F, 0)
+            prg.swiglu(q, (F, T), None, self.gu, self.act, F, 0, act)
             grab(STAGE.ffn_swigl, layer, self.act, F, 0, F)
             w = lw["ffn_down"]
             prg.matvec(w[1], w[0], w[2], w[3], self.act, F, self.o, D, 0, T)
-            grab(STAGE.ffn_out, layer, self.o, D, 0, D)
-            if "post_ffn_norm" in lw:
-                prg.rms_norm(q, (wg, T), (wg, 1), self.o, D, 0, lw["post_ffn_norm"], self.o, D, D, f.eps)
-            prg.add(q, (T * D,), None, self.x, self.o, T * D)  # post_ffn_residual
-            grab(STAGE.post_ffn_residual, layer, self.x, D, 0, D)
-            if cap.shape[0] > 0:
-                self._d2h(cap[layer, c0:c0 + T], self.x)
+            self._ffn_end(lw, layer, T, f, grab, cap, c0)
+
+    def _ffn_end(self, lw: dict, layer: int, T: int, f, grab, cap: np.ndarray, c0: int) -> None:
+        """The FFN's end: stage ffn_out (o), the optional post-norm of o, x += o (post_ffn_residual), capture."""
+        D, wg, q = self.config.n_embd, self.tuning.wg, self.queue
+        grab(STAGE.ffn_out, layer, self.o, D, 0, D)
+        if "post_ffn_norm" in lw:
+            self.prg.rms_norm(q, (wg, T), (wg, 1), self.o, D, 0, lw["post_ffn_norm"], self.o, D, D, f.eps)
+        self.prg.add(q, (T * D,), None, self.x, self.o, T * D)  # post_ffn_residual
+        grab(STAGE.post_ffn_residual, layer, self.x, D, 0, D)
+        if cap.shape[0] > 0:
+            self._d2h(cap[layer, c0:c0 + T], self.x)
 
     def _logits(self, row0: int, n: int) -> None:
-        """final_norm of rows row0..row0+n-1 of x, then lm_head into logits_buf (n, n_vocab)."""
+        """final_norm of rows row0..row0+n-1 of x, then lm_head (and the final soft-cap) into logits_buf
+        (n, n_vocab)."""
         c, wg, hd = self.config, self.tuning.wg, self.head
         self.prg.rms_norm(self.queue, (wg, n), (wg, 1), self.x, c.n_embd, row0, self.output_norm, self.h, c.n_embd,
                           c.n_embd, c.rms_eps)
         self.prg.matvec(hd[1], hd[0], hd[2], hd[3], self.h, c.n_embd, self.logits_buf, c.n_vocab, 0, n)
+        if self.spec.final_softcap > 0:  # logits = c * tanh(logits / c)
+            self.prg.softcap(self.queue, (n * c.n_vocab,), None, self.logits_buf, np.float32(self.spec.final_softcap))
 
     def info(self) -> dict:
         """JSON-able description: device, tuning, byte counts and transfer counters."""

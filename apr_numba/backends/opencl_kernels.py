@@ -9,8 +9,8 @@ the top-level folder by ``setup.py``), else in ``$APR_OPENCL_KERNELS``.
 
 Two kinds of program are built per device and model:
 
-* the *ops* program (RMSNorm, RoPE, KV store, attention, SwiGLU, add, argmax), with ``-D WG=`` and
-  ``-D HEAD_DIM=``;
+* the *ops* program (RMSNorm, RoPE, KV store, attention, SwiGLU / GeGLU, add, argmax, and the block
+  features' QK-norm, scale, soft-cap and MoE axpy), with ``-D WG=`` and ``-D HEAD_DIM=``;
 * one *quant* program per weight type the model uses (``quants.cl`` + ``matvec_f32.cl`` +
   ``get_rows_f32.cl`` with ``-D WTYPE=q4_K`` ...), with ``-D LANES= -D ROWS= -D TB=``.
 
@@ -39,7 +39,8 @@ WTYPES = {int(T.F32): "f32", int(T.F16): "f16", int(T.BF16): "bf16", int(T.Q4_0)
           int(T.Q5_0): "q5_0", int(T.Q5_1): "q5_1", int(T.Q8_0): "q8_0", int(T.Q4_K): "q4_K", int(T.Q6_K): "q6_K",
           int(T.Q2_K): "q2_K", int(T.Q3_K): "q3_K", int(T.Q5_K): "q5_K", int(T.IQ4_NL): "iq4_nl",
           int(T.IQ4_XS): "iq4_xs"}
-OPS_FILES = ("rms_norm_f32", "rope_f32", "cpy_kv_f32", "attn_f32", "swiglu_f32", "add_f32", "argmax_f32")
+OPS_FILES = ("rms_norm_f32", "rope_f32", "cpy_kv_f32", "attn_f32", "swiglu_f32", "add_f32", "argmax_f32",
+             "arch_ops_f32")
 QUANT_FILES = ("quants", "matvec_f32", "get_rows_f32")
 FAULTS = ("scale",)  # fault injections for tests of the parity gate (quants.cl FAULT_SCALE)
 
@@ -238,13 +239,21 @@ class Programs:
         self.attn = ops.kernel_attn_f32
         self.attn.set_scalar_arg_dtypes([None, np.int32, None, None, np.int64, np.int32, np.int32, np.int32,
                                          None, np.int32, None, np.int32, np.float32, np.int32, np.int32,
-                                         np.int32, np.int32, None, None, np.int32])
+                                         np.int32, np.int32, np.int32, None, None, np.int32])
         self.swiglu = ops.kernel_swiglu_f32
-        self.swiglu.set_scalar_arg_dtypes([None, None, np.int32, np.int32])
+        self.swiglu.set_scalar_arg_dtypes([None, None, np.int32, np.int32, np.int32])
         self.add = ops.kernel_add_f32
         self.add.set_scalar_arg_dtypes([None, None, np.int32])
         self.argmax = ops.kernel_argmax_f32
         self.argmax.set_scalar_arg_dtypes([None, np.int32, None])
+        self.rms_norm_heads = ops.kernel_rms_norm_heads_f32
+        self.rms_norm_heads.set_scalar_arg_dtypes([None, np.int32, np.int32, np.int32, None, np.float32])
+        self.scale = ops.kernel_scale_f32
+        self.scale.set_scalar_arg_dtypes([None, np.float32])
+        self.softcap = ops.kernel_softcap_f32
+        self.softcap.set_scalar_arg_dtypes([None, np.float32])
+        self.axpy = ops.kernel_axpy_f32
+        self.axpy.set_scalar_arg_dtypes([None, np.int32, None, np.int32, np.float32])
         self._quant: dict[int, tuple] = {}
 
     def _build(self, src: str, options: list[str]):

@@ -6,15 +6,19 @@
     (trace_off int64 (N_STAGES, n_layer), trace_buf float32 (n,), layer_fault int64 (n_layer, N_FAULTS),
      rope_cos_alt, rope_sin_alt (float32 RoPE tables with the wrong base), eps_alt)
 
-A stage whose offset is >= 0 is read back from the device buffer that holds it, right after the kernel
-that produced it, and written to ``trace_buf[off:]`` as (T, width) row-major; attn_scores / attn_softmax
-come from the attention kernel's capture outputs as (n_head, T, pos0 + T), zeros where masked;
-whole-model stages use layer 0. Every read is a counted device-to-host copy. The teaching faults
-(apr_numba.arch.stages) change kernel arguments only: rope-theta (the alt tables, uploaded once per call),
-rope-style (NORM <-> NEOX), attn-scale (scale 1), causal-mask-off (every row sees pos0 + T keys),
-gqa-map (KV head shifted by one), qkv-bias-drop, softmax-no-max (no max subtraction, float16
-overflow), ffn-swap (gate and up swapped), rmsnorm-eps (eps_alt in the layer's two norms). A traced
-call runs as one chunk, as the CPU forward does, so causal-mask-off sees the same keys.
+A stage whose offset is >= 0 is read back from the device buffer that holds it, right after the kernel that
+produced it, and written to ``trace_buf[off:]`` as (T, width) row-major; attn_scores / attn_softmax come
+from the attention kernel's capture outputs as (n_head, T, pos0 + T): scores before the mask, zero above the
+diagonal (on sliding-window layers the keys before the window keep their scores, as the stage is defined and
+the float64 reference records them; the Numba CPU capture leaves them 0), softmax zero where masked;
+moe_router_indices (the host's top-k ids, as floats) is written from the host; whole-model stages use layer
+0. Every read is a counted device-to-host copy. The teaching faults (apr_numba.arch.stages) change kernel
+arguments only: rope-theta (the alt tables, uploaded once per call, on every layer whatever its own base),
+rope-style (NORM <-> NEOX), attn-scale (scale 1 instead of the model's attention scale), causal-mask-off
+(every row sees pos0 + T keys, no window), gqa-map (KV head shifted by one), qkv-bias-drop, softmax-no-max
+(no max subtraction, float16 overflow), ffn-swap (gate and up swapped), rmsnorm-eps (eps_alt in every norm
+of the layer: pre-norms, QK-norm, post-norms). A traced call runs as one chunk, as the CPU forward does, so
+causal-mask-off sees the same keys.
 """
 
 from __future__ import annotations
@@ -62,6 +66,12 @@ class DeviceTrace:
             return
         rows = self.be._d2h(np.empty((self.T, stride), np.float32), buf)
         self.buf[o:o + self.T * width] = rows[:, col0:col0 + width].ravel()
+
+    def put(self, stage: str, layer: int, arr: np.ndarray) -> None:
+        """Write a host array (T, width) to the stage's slot (stages computed on the host: moe_router_indices)."""
+        o = self.off[S.STAGE_ID[stage], layer]
+        if o >= 0:
+            self.buf[o:o + arr.size] = arr.ravel()
 
     def layer(self, layer: int):
         """The kernel arguments of ``layer`` with its teaching faults (a copy of the backend's plain ones)."""
