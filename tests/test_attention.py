@@ -80,3 +80,9 @@ def test_sliding_window_attention_matches_oracle(kernel, pos0, window):
     t, p = np.nonzero(np.ones((T, pos0 + T)))
     outside = (p > pos0 + t) | (pos0 + t - p >= window)
     assert np.all(pc[:, t[outside], p[outside]] == 0) and np.allclose(pc.sum(-1), 1.0, rtol=1e-5)
+    # attn_scores are the scaled scores before the mask: keys before the window shown, the future zero
+    for h in range(N_HEAD):
+        kvh = h // (N_HEAD // N_KV)
+        full = qkv[:, h * HD:(h + 1) * HD] @ kc[0, :pos0 + T, kvh * HD:(kvh + 1) * HD].T / np.sqrt(HD)
+        np.testing.assert_allclose(sc[h], np.where(p.reshape(T, -1) <= pos0 + t.reshape(T, -1), full, 0),
+                                   rtol=1e-4, atol=1e-5)

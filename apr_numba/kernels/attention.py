@@ -72,7 +72,12 @@ def _attention(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_dim,
             scores[p] = acc
             if acc > mx:
                 mx = acc
-        if capture:
+        if capture:  # attn_scores is defined before the mask: keys before a sliding window are shown too
+            for p in range(lo):
+                acc = np.float32(0.0)
+                for d in range(head_dim):
+                    acc += qkv[t, qo + d] * k_cache[layer, p, kvo + d]
+                scores_cap[h, t, p] = acc * scale
             for p in range(lo, n):
                 scores_cap[h, t, p] = scores[p]
         if faults[F_SOFTMAX_NO_MAX]:
@@ -177,8 +182,7 @@ def attention_blas(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_
             for i in range(n_rep):
                 for t in range(T):
                     n = pos0 + t + 1 if causal else nk
-                    lo = max(0, pos0 + t - window + 1) if causal and window > 0 else 0
-                    for p in range(lo, n):
+                    for p in range(n):  # before the mask (a sliding window included), as the stage says
                         scores_cap[kv * n_rep + i, t, p] = S[i * T + t, p]
         _mask_softmax_rows(S, T, pos0, causal, faults[F_SOFTMAX_NO_MAX] != 0, window)
         if capture:
