@@ -29,10 +29,11 @@ run: install
 		$(VENV)/bin/apr-numba run $(MODEL) -p "$(PROMPT)" --max-tokens 48; \
 	fi
 
-# The tests need both decoder models (the qwen2 one is ~490 MB).
+# The tests need the real decoder models (qwen2 ~490 MB, gemma3 ~250 MB) and the encoder.
 models: $(STAMP)
 	$(VENV)/bin/apr-numba pull smollm2-135m
 	$(VENV)/bin/apr-numba pull qwen2.5-coder-0.5b
+	$(VENV)/bin/apr-numba pull gemma3-270m
 	$(VENV)/bin/apr-numba pull minilm-l6
 
 test: models
