@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from apr_numba.errors import ArgumentError, ModelFormatError, PullError
+from apr_numba.formats.paths import check_model_path
 from apr_numba.hub.registry import (
     FileSpec,
     ModelEntry,
@@ -511,8 +512,9 @@ def resolve_model(spec: str | os.PathLike[str], models_dir: PathArg | None = Non
         return entry.local_path(root)
     path = Path(spec).expanduser()
     if path.exists():
-        return path
+        return check_model_path(path)
     text = os.fspath(spec)
     if os.sep in text or text.endswith((".gguf", ".apr", ".safetensors")):
         raise ModelFormatError(f"{text}: no such model file")
     raise ArgumentError(f"unknown model {text!r}: not a file and not one of {', '.join(reg)}")
+

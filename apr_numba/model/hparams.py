@@ -184,7 +184,7 @@ class ModelConfig:
         def need(key: str, kind: str = "int", default: Any = _MISSING) -> Any:
             full = f"{arch}.{key}"
             val = meta_value(meta, full, kind, source, default)
-            if kind == "int" and not 0 < val < 1 << 31:
+            if kind == "int" and val is not None and not 0 < val < 1 << 31:
                 raise ModelFormatError(f"{source}: metadata key {full!r} out of range: {val}")
             return val
 
