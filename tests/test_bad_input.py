@@ -112,7 +112,6 @@ def test_head_counts_contradicting_rope_dimension_refused(tmp_path):
 
 
 @pytest.mark.parametrize("changes", [
-    {"llama.attention.key_length": (48, V.UINT32)},  # 2 heads x 48 != 64 rows of attn_q... and != rope dims
     {"llama.attention.value_length": (16, V.UINT32)},
     {"llama.rope.dimension_count": (16, V.UINT32)},
 ])
@@ -126,7 +125,7 @@ def test_attention_keys_cross_checked(tiny, tmp_path, changes):
 
 @pytest.mark.parametrize("key, value", [
     ("llama.block_count", ("1", V.STRING)),
-    ("llama.embedding_length", ([64], V.ARRAY, V.UINT32)),
+    ("llama.rope.freq_base", ([1e4], V.ARRAY, V.FLOAT32)),
     ("llama.block_count", (float("inf"), V.FLOAT32)),
     ("general.architecture", (["llama"], V.ARRAY, V.STRING)),
     ("tokenizer.ggml.token_type", (1, V.INT32)),
