@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ CASES = {"gguf": 200, "safetensors": 200, "templates": 150, "cli": 100}
 
 @pytest.mark.parametrize("reader", sorted(CASES))
 def test_fuzz_reader(reader):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), APR_NUMBA_CACHE=str(ROOT / ".pytest-apr-cache"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), APR_NUMBA_CACHE=tempfile.mkdtemp(prefix="apr-fuzz-cache-"))
     p = subprocess.run([sys.executable, "-m", "tests.fuzz_readers", reader, str(CASES[reader]), str(3 << 30)],
                        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-6000:])
