@@ -322,5 +322,5 @@ def test_chat_template_errors():
 def test_chat_template_is_sandboxed():
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     tok = Tokenizer.from_metadata(_tiny_meta(**{"tokenizer.chat_template": evil}), source="t.gguf")
-    with pytest.raises(ArgumentError):
+    with pytest.raises(ModelFormatError, match="t.gguf"):  # the file's template failed (issue 16)
         tok.apply_chat_template([{"role": "user", "content": "x"}])

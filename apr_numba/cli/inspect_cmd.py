@@ -47,7 +47,7 @@ def inspect_model(model) -> dict[str, Any]:
     tok = {
         "model": meta.get("tokenizer.ggml.model"),
         "pre": meta.get("tokenizer.ggml.pre"),
-        "vocab_size": len(toks) if toks is not None else n_vocab,
+        "vocab_size": len(toks) if isinstance(toks, list) else n_vocab,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "has_chat_template": bool(meta.get("tokenizer.chat_template")),

@@ -122,8 +122,12 @@ def _cmd_run(a) -> int:
     from apr_numba.generation.generate import GenerationResult, check_max_tokens, generate_events, prompt_ids
     from apr_numba.generation.sampling import SamplingParams
     from apr_numba.model.decoder import load
+    from apr_numba.model.tokenizer import check_text
 
     prompt = _read_prompt(a)
+    check_text(prompt, "prompt")  # bytes that are not UTF-8 arrive as lone surrogates: refuse before loading
+    for s in a.stop:
+        check_text(s, "--stop")
     check_max_tokens(a.max_tokens)
     params = SamplingParams(a.temperature, a.top_k, a.top_p, a.repeat_penalty, seed=a.seed, min_p=a.min_p)
     params.validate()

@@ -61,10 +61,12 @@ class EncoderConfig:
             ModelFormatError: missing keys (all named), non-positive sizes, hidden_size not divisible by
                 the head count, an unsupported model_type, activation or position embedding type.
         """
+        from apr_numba.model.hparams import meta_value
+
         missing = [k for k in _REQUIRED if k not in cfg]
         if missing:
             raise ModelFormatError(f"{where}: missing config keys: {', '.join(missing)}")
-        arch = str(cfg.get("model_type", "bert"))
+        arch = cfg.get("model_type", "bert")
         if arch != "bert":
             raise ModelFormatError(f"{where}: model_type {arch!r} is not a supported encoder (bert)")
         act = cfg.get("hidden_act", "gelu")
@@ -73,13 +75,14 @@ class EncoderConfig:
         pet = cfg.get("position_embedding_type", "absolute")
         if pet != "absolute":
             raise ModelFormatError(f"{where}: position_embedding_type {pet!r} is not supported ('absolute')")
-        try:
-            v = {k: int(cfg[k]) for k in _REQUIRED}
-            n_types, eps = int(cfg.get("type_vocab_size", 2)), float(cfg.get("layer_norm_eps", 1e-12))
-        except (TypeError, ValueError) as exc:
-            raise ModelFormatError(f"{where}: bad config value ({exc})") from exc
+        v = {k: meta_value(cfg, k, "int", where) for k in _REQUIRED}  # an integer each: not "384", 1e309, [384]
+        n_types = meta_value(cfg, "type_vocab_size", "int", where, 2)
+        eps = meta_value(cfg, "layer_norm_eps", "float", where, 1e-12)
         if min(v.values()) < 1 or n_types < 1 or not eps >= 0:
             raise ModelFormatError(f"{where}: sizes must be >= 1 and layer_norm_eps >= 0: {v}")
+        big = {k: x for k, x in v.items() if x >= 1 << 31}
+        if big:
+            raise ModelFormatError(f"{where}: config sizes out of range: {big}")
         D, H = v["hidden_size"], v["num_attention_heads"]
         if D % H:
             raise ModelFormatError(f"{where}: hidden_size {D} is not a multiple of num_attention_heads {H}")
@@ -249,8 +252,9 @@ def source_config(src) -> dict[str, Any]:
     if isinstance(v, (str, bytes)):
         try:
             v = json.loads(v)
-        except ValueError as exc:
-            raise ModelFormatError(f"{src.path}: encoder config is not valid JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:
+            raise ModelFormatError(f"{src.path}: encoder config is not valid JSON ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]})") from None
     if not isinstance(v, dict):
         raise ModelFormatError(f"{src.path}: no encoder config (HF config.json) in this model")
     return v

@@ -25,7 +25,7 @@ from gguf import GGML_QUANT_SIZES
 from apr_numba.errors import ModelFormatError
 from apr_numba.formats.mapped import PageReleaseMixin, TensorRef
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: tensor extents checked (alignment, data section, overlap) before caching
 _BIG_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
              "tokenizer.ggml.scores")
 
@@ -68,8 +68,9 @@ class GGUFFile(PageReleaseMixin):
 
     def __init__(self, path: str | os.PathLike, use_cache: bool = True):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelFormatError(f"{self.path}: no such model file")
+        from apr_numba.formats.paths import check_model_path
+
+        check_model_path(self.path, want_dir=False)  # a FIFO or device is refused before it is opened
         self.file_size = self.path.stat().st_size
         self.tokenizer_json: str | None = None
         self.from_cache = False

@@ -132,9 +132,22 @@ def _walk(path: str | os.PathLike, keep: bool) -> tuple[dict[str, Any], list, in
                 raise s.fail(f"{n_kv} key/value pairs cannot fit in the file")
             if n_tensors * 24 > s.end - s.pos:
                 raise s.fail(f"{n_tensors} tensor infos cannot fit in the file")
+            align = 32
             for i in range(n_kv):
                 key = s.string(f"key {i}", True)
-                meta[key] = s.value(s.read_u32(f"type of {key!r}"), f"value of {key!r}")
+                vtype = s.read_u32(f"type of {key!r}")
+                if key == "general.alignment":
+                    if vtype != 4:  # llama.cpp: general.alignment must be a u32
+                        raise ModelFormatError(f"{path}: general.alignment has GGUF type {vtype}, expected "
+                                               f"UINT32 (4)")
+                    s.keep, keep_was = True, s.keep
+                    align = s.value(vtype, "value of 'general.alignment'")
+                    s.keep = keep_was
+                    if align <= 0 or align & (align - 1):
+                        raise ModelFormatError(f"{path}: general.alignment {align} is not a power of two")
+                    meta[key] = align
+                    continue
+                meta[key] = s.value(vtype, f"value of {key!r}")
             for i in range(n_tensors):
                 name = s.string(f"tensor {i} name", True)
                 n_dims = s.read_u32(f"tensor {name!r} n_dims")
@@ -147,15 +160,54 @@ def _walk(path: str | os.PathLike, keep: bool) -> tuple[dict[str, Any], list, in
             end = s.pos
         finally:
             s.buf.release()
+    _check_extents(path, infos, end, align, size)
     return meta, infos, end
+
+
+def _check_extents(path: str, infos: list, end: int, align: int, size: int) -> None:
+    """Check each tensor's type, shape and data extent as llama.cpp does (``gguf_init_from_file_impl``
+    and ``llama_model_loader``): a known GGML type, a row that is a whole number of blocks, an offset
+    that is a multiple of ``general.alignment``, bytes inside the data section (no wrap-around: Python
+    integers, before any unsigned arithmetic), no two tensors overlapping. (llama.cpp also insists that
+    the tensors lie in table order without gaps; this reader accepts any non-overlapping order.)"""
+    from gguf import GGML_QUANT_SIZES
+
+    data_start = -(-end // align) * align
+    data_size = size - data_start
+    extents = []
+    for name, ne, gtype, off in infos:
+        if gtype not in GGML_QUANT_SIZES:
+            raise ModelFormatError(f"{path}: tensor {name!r} has unknown GGML type {gtype}")
+        bs, ts = GGML_QUANT_SIZES[gtype]
+        if ne and ne[0] % bs:
+            raise ModelFormatError(f"{path}: tensor {name!r}: row size {ne[0]} is not a multiple of block size {bs}")
+        n = 1
+        for d in ne:
+            n *= d
+        nbytes = n // bs * ts
+        if off % align:
+            raise ModelFormatError(f"{path}: tensor {name!r} has offset {off}, not a multiple of general.alignment "
+                                   f"{align}")
+        if off + nbytes > data_size:
+            raise ModelFormatError(f"{path}: tensor {name!r} (offset {off}, {nbytes} bytes) runs past the end of "
+                                   f"the data section ({max(data_size, 0)} bytes from byte {data_start}): "
+                                   f"truncated or corrupt file")
+        extents.append((off, nbytes, name))
+    extents.sort()
+    for (o1, n1, a), (o2, _n2, b) in zip(extents, extents[1:], strict=False):
+        if o1 + n1 > o2:
+            raise ModelFormatError(f"{path}: tensors {a!r} (bytes {o1}..{o1 + n1}) and {b!r} (from byte {o2}) "
+                                   f"overlap in the data section")
 
 
 def check_gguf(path: str | os.PathLike) -> None:
     """Walk the GGUF header, metadata and tensor infos, checking every count and length.
 
     Raises:
-        ModelFormatError: bad magic or version, or a count / length / type that cannot be right for a
-            file of this size; the message names the file, the field and the byte position.
+        ModelFormatError: bad magic or version, a count / length / type that cannot be right for a file
+            of this size, a bad ``general.alignment``, or a tensor whose type, shape or data extent is
+            wrong (unknown type, misaligned offset, outside the data section, overlapping another);
+            the message names the file, the field and the byte position.
     """
     _walk(path, keep=False)
 
@@ -174,27 +226,15 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     from gguf import GGML_QUANT_SIZES
 
-
     meta, infos, end = _walk(path, keep=True)
-    size = os.path.getsize(path)
-    align = meta.get("general.alignment", 32)
-    if not isinstance(align, int) or align <= 0 or align & (align - 1):
-        raise ModelFormatError(f"{path}: general.alignment {align!r} is not a power of two")
-    data_start = -(-end // align) * align
+    data_start = -(-end // meta.get("general.alignment", 32)) * meta.get("general.alignment", 32)
     tensors = {}
     for name, ne, gtype, off in infos:
-        if gtype not in GGML_QUANT_SIZES:
-            raise ModelFormatError(f"{path}: tensor {name!r} has unknown GGML type {gtype}")
         bs, ts = GGML_QUANT_SIZES[gtype]
         n = 1
         for d in ne:
             n *= d
-        if ne and ne[0] % bs:
-            raise ModelFormatError(f"{path}: tensor {name!r}: row size {ne[0]} is not a multiple of block size {bs}")
         nbytes = n // bs * ts
-        if data_start + off + nbytes > size:
-            raise ModelFormatError(f"{path}: tensor {name!r} (offset {off}, {nbytes} bytes) runs past the end of "
-                                   f"the file ({size} bytes): truncated file?")
         if name in tensors:
             raise ModelFormatError(f"{path}: duplicate tensor name {name!r}")
         tensors[name] = TensorRef(name, gtype, tuple(int(x) for x in reversed(ne)), data_start + off, nbytes)

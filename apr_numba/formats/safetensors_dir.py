@@ -20,6 +20,7 @@ Only floating tensors (F32, F16, BF16) enter ``tensors``; integer buffers such a
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -60,8 +61,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int, int]:
             header = json.loads(fh.read(n))
     except FileNotFoundError as exc:
         raise ModelFormatError(f"{path}: no such file") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelFormatError(f"{path}: safetensors header is not valid JSON ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
     return header, 8 + n, size
@@ -87,12 +89,11 @@ class SafetensorsDir:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise ModelFormatError(f"{self.path}: config.json is missing")
-        try:
-            self.metadata: dict[str, Any] = json.loads(cfg.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ModelFormatError(f"{cfg}: not valid JSON ({exc})") from exc
+        self.metadata: dict[str, Any] = read_json_file(cfg)
+        if not isinstance(self.metadata, dict):
+            raise ModelFormatError(f"{cfg}: not a JSON object")
         tok = self.path / "tokenizer.json"
-        self.tokenizer_json: str | None = tok.read_text(encoding="utf-8") if tok.is_file() else None
+        self.tokenizer_json: str | None = _read_text(tok) if tok.is_file() else None
         self.files = self._shards()
         self.tensors: dict[str, TensorRef] = {}
         self.skipped: list[str] = []
@@ -109,10 +110,13 @@ class SafetensorsDir:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
-                wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ModelFormatError(f"{index}: malformed index ({exc})") from exc
-            return [self.path / n for n in sorted(set(wm.values()))]
+                wm = read_json_file(index)["weight_map"]
+                names = sorted(set(wm.values()))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise ModelFormatError(f"{index}: malformed index ({type(exc).__name__}: {exc})") from None
+            if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+                raise ModelFormatError(f"{index}: weight_map values must be shard file names")
+            return [self.path / n for n in names]
         raise ModelFormatError(f"{self.path}: no model.safetensors (or model.safetensors.index.json)")
 
     def _index(self, k: int, f: Path) -> None:
@@ -121,9 +125,14 @@ class SafetensorsDir:
             if name == "__metadata__":
                 continue
             try:
-                dtype, shape, (b, e) = d["dtype"], tuple(int(x) for x in d["shape"]), d["data_offsets"]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ModelFormatError(f"{f}: tensor {name}: malformed header entry {d!r}") from exc
+                dtype, shape, (b, e) = d["dtype"], tuple(d["shape"]), d["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ModelFormatError(f"{f}: tensor {name}: malformed header entry (needs dtype, shape and "
+                                       f"data_offsets [begin, end]; got a {type(d).__name__})") from None
+            if not isinstance(dtype, str):
+                raise ModelFormatError(f"{f}: tensor {name}: dtype must be a string, got a {type(dtype).__name__}")
+            if not all(_is_uint(x) for x in (*shape, b, e)):
+                raise ModelFormatError(f"{f}: tensor {name}: shape and data_offsets must be non-negative integers")
             if not 0 <= b <= e or start + e > size:
                 raise ModelFormatError(f"{f}: tensor {name} (bytes {b}..{e}) runs past the end of the file "
                                        f"({size} bytes): truncated file?")
@@ -131,7 +140,7 @@ class SafetensorsDir:
                 self.skipped.append(name)
                 continue
             gt, width = ST_DTYPES[dtype]
-            n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            n = math.prod(shape)  # Python integers: no int64 wrap-around
             if n * width != e - b:
                 raise ModelFormatError(f"{f}: tensor {name}: {e - b} bytes disagree with shape {shape} {dtype}")
             self.tensors[name] = TensorRef(name, gt, shape, start + b, e - b)
@@ -158,6 +167,33 @@ class SafetensorsDir:
         """A JSON side file of the directory (e.g. ``1_Pooling/config.json``), or None if absent/invalid."""
         p = self.path / relpath
         try:
-            return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
-        except (ValueError, UnicodeDecodeError, OSError):
+            return read_json_file(p) if p.is_file() else None
+        except ModelFormatError:
             return None
+
+
+def _is_uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``. Raises ModelFormatError (naming the file) if unreadable or not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelFormatError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ModelFormatError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def read_json_file(path: Path) -> Any:
+    """Parse a JSON side file (config.json, tokenizer.json, an index).
+
+    Raises:
+        ModelFormatError: unreadable, not UTF-8, not JSON, or nested too deeply for the parser
+            (RecursionError); the message names the file.
+    """
+    try:
+        return json.loads(_read_text(path))
+    except (ValueError, RecursionError) as exc:
+        raise ModelFormatError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None

@@ -14,6 +14,7 @@ from apr_numba.errors import ArgumentError
 from apr_numba.generation.decoding import GenerationResult, SequenceDecoder, TokenEvent, check_max_tokens
 from apr_numba.generation.sampling import SamplingParams, StopChecker
 from apr_numba.model.decoder import Model, load
+from apr_numba.model.tokenizer import check_text
 
 __all__ = ["GenerationResult", "TokenEvent", "generate", "generate_events", "prompt_ids", "run", "Prompt"]
 
@@ -56,6 +57,7 @@ def prompt_ids(model: Model, prompt: Prompt, chat: bool = False, system: str | N
         if isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
             return prompt_ids(model, render_messages(model, prompt, system))
         raise ArgumentError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    check_text(prompt, "prompt")  # a lone surrogate (non-UTF-8 bytes on the command line) cannot be tokenized
     text = prompt
     if chat or system is not None:
         text = render_messages(model, [{"role": "user", "content": prompt}], system)

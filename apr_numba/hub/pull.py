@@ -7,8 +7,9 @@ and SHA-256 of every final file, and moves the result into place with :func:`os.
 temporary data lives in a hidden ``.pull-*`` folder inside the models folder (same file system, so the
 final rename is atomic) that is removed whatever happens.
 
-A verified model gets a stamp in ``<models>/.verified/<path>.json`` recording each file's size, mtime
-and SHA-256; while the stamp matches, a present model is accepted after a ``stat`` only.
+A verified model gets a stamp in ``<models>/.verified/<path>.json`` (:mod:`apr_numba.hub.stamps`: size,
+mtime, ctime, inode, a hash of sampled blocks and the SHA-256); while the stamp matches, a present model
+is accepted without a full hash.
 
 The manifest (``registry.toml``, :class:`~apr_numba.hub.registry.ModelEntry`...) is :mod:`apr_numba.hub.registry`,
 which also re-exports :func:`pull` and :func:`verify`.
@@ -17,7 +18,6 @@ which also re-exports :func:`pull` and :func:`verify`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from apr_numba.errors import ArgumentError, ModelFormatError, PullError
+from apr_numba.formats.paths import check_model_path
 from apr_numba.hub.registry import (
     FileSpec,
     ModelEntry,
@@ -42,10 +43,11 @@ from apr_numba.hub.registry import (
     _root,
     _sizes_ok,
 )
+from apr_numba.hub.stamps import STAMP_DIR, drop_stamp, stamp_ok
+from apr_numba.hub.stamps import write_stamp as _write_stamp
 
 __all__ = ["STAMP_DIR", "pull", "resolve_model", "verify"]
 
-STAMP_DIR = ".verified"
 _CHUNK = 1 << 20
 _STALE_S = 3600.0
 
@@ -54,8 +56,8 @@ _STALE_S = 3600.0
 
 
 def _bar(total: int | None, desc: str, enabled: bool):
-    """A tqdm byte counter on stderr, or a no-op stand-in when disabled."""
-    if not enabled:
+    """A tqdm byte counter on stderr, or a no-op stand-in when disabled or stderr is not a terminal."""
+    if not enabled or not sys.stderr.isatty():
         return _NoBar()
     from tqdm import tqdm
 
@@ -88,55 +90,6 @@ def _sha256_file(path: Path, bar: Any) -> str:
     return h.hexdigest()
 
 
-def _stamp_path(entry: ModelEntry, root: Path) -> Path:
-    return root / STAMP_DIR / f"{entry.path}.json"
-
-
-def _write_stamp(entry: ModelEntry, root: Path) -> None:
-    """Record size, mtime and (expected, just verified) SHA-256 of each file; best effort."""
-    files = {}
-    for spec in entry.files:
-        st = entry.file_path(spec, root).stat()
-        files[entry.display_name(spec)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                           "sha256": spec.sha256}
-    sp = _stamp_path(entry, root)
-    try:
-        sp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = sp.with_name(f"{sp.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"model": entry.name, "files": files}, indent=1) + "\n")
-        os.replace(tmp, sp)
-    except OSError:
-        pass
-
-
-def _drop_stamp(entry: ModelEntry, root: Path) -> None:
-    try:
-        _stamp_path(entry, root).unlink()
-    except OSError:
-        pass
-
-
-def _stamp_ok(entry: ModelEntry, root: Path) -> bool:
-    """Whether the ``.verified`` stamp matches every file's size, mtime and expected SHA-256."""
-    try:
-        data = json.loads(_stamp_path(entry, root).read_text())
-    except (OSError, ValueError):
-        return False
-    stamp = data.get("files", {}) if isinstance(data, dict) else {}
-    for spec in entry.files:
-        rec = stamp.get(entry.display_name(spec))
-        if not isinstance(rec, dict):
-            return False
-        try:
-            st = entry.file_path(spec, root).stat()
-        except OSError:
-            return False
-        if (rec.get("size"), rec.get("mtime_ns"), rec.get("sha256")) != (st.st_size, st.st_mtime_ns,
-                                                                          spec.sha256):
-            return False
-    return True
-
-
 def _hash_check(entry: ModelEntry, root: Path, progress: bool) -> list[tuple[FileSpec, str]]:
     """Hash every file; return the (spec, actual sha256) pairs that do not match."""
     bad = []
@@ -148,14 +101,20 @@ def _hash_check(entry: ModelEntry, root: Path, progress: bool) -> list[tuple[Fil
     return bad
 
 
-def _present(entry: ModelEntry, root: Path, force: bool, progress: bool) -> bool:
-    """True when the model is in place and verified (stamp, else a full hash that then writes one)."""
+def _present(entry: ModelEntry, root: Path, force: bool, progress: bool,
+             mismatches: list[str] | None = None) -> bool:
+    """True when the model is in place and verified (stamp, else a full hash that then writes one).
+    A file that fails the hash is described in ``mismatches`` ("SHA-256 mismatch for <file>: ...")."""
     if not _sizes_ok(entry, root):
         return False
-    if not force and _stamp_ok(entry, root):
+    if not force and stamp_ok(entry, root):
         return True
-    if _hash_check(entry, root, progress):
-        _drop_stamp(entry, root)
+    bad = _hash_check(entry, root, progress)
+    if bad:
+        drop_stamp(entry, root)
+        if mismatches is not None:
+            mismatches += [f"SHA-256 mismatch for {entry.file_path(spec, root)}: expected {spec.sha256}, got "
+                           f"{actual}" for spec, actual in bad]
         return False
     _write_stamp(entry, root)
     return True
@@ -409,8 +368,18 @@ def pull(name: str | ModelEntry, models_dir: PathArg | None = None, progress: bo
     entry = _entry(name, registry)
     root = _root(models_dir)
     final = entry.local_path(root)
-    if _present(entry, root, force, progress):
+    mismatches: list[str] = []
+    if _present(entry, root, force, progress, mismatches):
         return final
+    try:
+        return _fetch(entry, root, final, find_links, progress)
+    except PullError as exc:
+        if mismatches:  # say first what is wrong with the local copy, then why it could not be replaced
+            raise PullError(f"{mismatches[0]}; fetching it again failed: {exc}") from None
+        raise
+
+
+def _fetch(entry: ModelEntry, root: Path, final: Path, find_links: PathArg | None, progress: bool) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
         _clean_stale_work(root)
@@ -505,14 +474,16 @@ def resolve_model(spec: str | os.PathLike[str], models_dir: PathArg | None = Non
         if not _sizes_ok(entry, root):
             raise PullError(f"model {spec!r} is not downloaded (expected {entry.local_path(root)}); "
                             f"run `apr-numba pull {spec}`")
-        if not _present(entry, root, False, progress):
-            raise PullError(f"model {spec!r} at {entry.local_path(root)} fails SHA-256 verification; "
+        mismatches: list[str] = []
+        if not _present(entry, root, False, progress, mismatches):
+            raise PullError(f"{mismatches[0] if mismatches else 'model ' + repr(spec)}: fails verification; "
                             f"run `apr-numba pull {spec}` to fetch it again")
         return entry.local_path(root)
     path = Path(spec).expanduser()
     if path.exists():
-        return path
+        return check_model_path(path)
     text = os.fspath(spec)
     if os.sep in text or text.endswith((".gguf", ".apr", ".safetensors")):
         raise ModelFormatError(f"{text}: no such model file")
     raise ArgumentError(f"unknown model {text!r}: not a file and not one of {', '.join(reg)}")
+

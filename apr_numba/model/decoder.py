@@ -19,7 +19,7 @@ from apr_numba.arch.spec import ArchSpec
 from apr_numba.errors import ArgumentError, ModelFormatError
 from apr_numba.kernels.rope import spec_rope_tables
 from apr_numba.model import plan
-from apr_numba.model.hparams import ModelConfig
+from apr_numba.model.hparams import ModelConfig, check_n_ctx
 from apr_numba.model.weights import ModelWeights, load_weights
 
 DEFAULT_N_CTX = 4096
@@ -381,8 +381,10 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
     spec = ArchSpec.from_metadata(src.metadata, str(path), src.tensors,
                                   n_vocab=emb.shape[0] if emb is not None else None)
     cfg = spec.hp
+    ctx = check_n_ctx(n_ctx, cfg, DEFAULT_N_CTX, len(set(spec.layer_rope_base)))  # before any allocation for it
     tok_json = getattr(src, "tokenizer_json", None)
     tok = Tokenizer.from_json(tok_json) if tok_json else Tokenizer.from_metadata(src.metadata, str(path))
+    tok.check_rows(cfg.n_vocab, str(path))
     if not getattr(src, "from_cache", True) and hasattr(src, "save_cache"):
         src.save_cache(tok.to_json())
     t2 = time.perf_counter()
@@ -390,9 +392,6 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
     if hasattr(src, "release_pages"):
         src.release_pages()  # the packed copy is what runs: don't keep the file's pages resident too
     t3 = time.perf_counter()
-    ctx = int(n_ctx) if n_ctx is not None else min(DEFAULT_N_CTX, cfg.n_ctx_train)
-    if not 1 <= ctx <= max(cfg.n_ctx_train, 1):
-        raise ArgumentError(f"n_ctx must be in [1, {cfg.n_ctx_train}], got {ctx}")
     stats = LoadStats(t1 - t0, t2 - t1, t3 - t2, 0.0, bool(getattr(src, "from_cache", False)))
     m = Model(src, tok, weights, ctx, nthreads, stats)
     if warmup:

@@ -36,6 +36,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from apr_numba.errors import ArgumentError, ModelFormatError
 from apr_numba.model.chat_template import compile_chat_template, render_chat_template
+from apr_numba.model.hparams import meta_value
 
 # llama.cpp token types (gguf-py ``TokenType``).
 TOKEN_NORMAL = 1
@@ -129,6 +130,26 @@ def _pre_tokenizer(pre_type: str) -> Any:
             ]
         )
     raise AssertionError(pre_type)  # checked by the caller
+
+
+def check_text(text: Any, what: str = "prompt") -> str:
+    """Check that ``text`` is a ``str`` that is valid Unicode text (encodable as UTF-8).
+
+    A command-line argument with bytes that are not UTF-8 (``-p $'\\xff\\xfe'``) reaches Python as lone
+    surrogates (PEP 383 ``surrogateescape``); so does a lone surrogate passed through the API. Neither
+    can be tokenized.
+
+    Raises:
+        ArgumentError: not a str, or it holds a lone surrogate (the message gives its position).
+    """
+    if not isinstance(text, str):
+        raise ArgumentError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ArgumentError(f"{what} is not valid UTF-8 text (invalid byte or lone surrogate at character "
+                            f"{exc.start})") from None
+    return text
 
 
 class StreamDecoder:
@@ -238,33 +259,31 @@ class Tokenizer:
                 token types of the wrong length, a special token id out of range, merges that do not
                 fit the vocabulary); the message names ``source``.
         """
-        tok_model = meta.get("tokenizer.ggml.model")
-        if tok_model is None:
-            raise ModelFormatError(f"{source}: tokenizer metadata 'tokenizer.ggml.model' is missing")
+        tok_model = meta_value(meta, "tokenizer.ggml.model", "str", source)
         if tok_model not in SUPPORTED_TOKENIZER_MODELS:
             raise ModelFormatError(
                 f"{source}: unsupported tokenizer.ggml.model {tok_model!r} "
                 f"(supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)})"
             )
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, (list, tuple)) or not tokens:
+        tokens = meta_value(meta, "tokenizer.ggml.tokens", "str_list", source)
+        if not tokens:
             raise ModelFormatError(f"{source}: tokenizer metadata 'tokenizer.ggml.tokens' is missing or empty")
         tokens = list(tokens)
         n_vocab = len(tokens)
-        merges = meta.get("tokenizer.ggml.merges")
-        if not isinstance(merges, (list, tuple)) or not merges:
+        merges = meta_value(meta, "tokenizer.ggml.merges", "str_list", source)
+        if not merges:
             raise ModelFormatError(
                 f"{source}: tokenizer metadata 'tokenizer.ggml.merges' is missing or empty "
                 f"(required for tokenizer.ggml.model {tok_model!r})"
             )
-        pre_type = meta.get("tokenizer.ggml.pre")
+        pre_type = meta_value(meta, "tokenizer.ggml.pre", "str", source, None)
         if pre_type not in SUPPORTED_PRE_TYPES:
             what = "is missing" if pre_type is None else f"{pre_type!r} is not supported"
             raise ModelFormatError(
                 f"{source}: pre-tokenizer tokenizer.ggml.pre {what} "
                 f"(supported: {', '.join(SUPPORTED_PRE_TYPES)})"
             )
-        token_type = meta.get("tokenizer.ggml.token_type")
+        token_type = meta_value(meta, "tokenizer.ggml.token_type", "int_list", source, None)
         if token_type is None:
             token_type = [TOKEN_NORMAL] * n_vocab
         elif len(token_type) != n_vocab:
@@ -273,13 +292,9 @@ class Tokenizer:
             )
 
         def token_id(key: str) -> int | None:
-            val = meta.get(f"tokenizer.ggml.{key}")
-            if val is None:
+            tid = meta_value(meta, f"tokenizer.ggml.{key}", "int", source, None)
+            if tid is None:
                 return None
-            try:
-                tid = int(val)
-            except (TypeError, ValueError) as exc:
-                raise ModelFormatError(f"{source}: tokenizer.ggml.{key} has bad value {val!r}") from exc
             if not 0 <= tid < n_vocab:
                 raise ModelFormatError(f"{source}: tokenizer.ggml.{key} = {tid} out of range [0, {n_vocab})")
             return tid
@@ -290,12 +305,10 @@ class Tokenizer:
         unk_id = token_id("unknown_token_id")
         eot_id = token_id("eot_token_id")
         eom_id = token_id("eom_token_id")
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+        add_bos = meta_value(meta, "tokenizer.ggml.add_bos_token", "bool", source, False)
         if add_bos and bos_id is None:
             raise ModelFormatError(f"{source}: tokenizer.ggml.add_bos_token is set but there is no bos_token_id")
-        chat_template = meta.get("tokenizer.chat_template")
-        if chat_template is not None and not isinstance(chat_template, str):
-            raise ModelFormatError(f"{source}: tokenizer.chat_template is not a string")
+        chat_template = meta_value(meta, "tokenizer.chat_template", "str", source, None)
 
         # Byte-level vocabularies spell every token in the 256-character ByteLevel alphabet. A token
         # spelled otherwise is respelled from its UTF-8 bytes, as transformers does (fast path: one
@@ -384,6 +397,19 @@ class Tokenizer:
             raise ModelFormatError(f"tokenizer cache: not an {_CACHE_FORMAT!r} document")
         return cls.from_metadata(obj["meta"], str(obj.get("source", "tokenizer cache")))
 
+    def check_rows(self, n_rows: int, source: str | None = None) -> None:
+        """Check the vocabulary against the ``token_embd`` row count ``n_rows`` (llama.cpp requires
+        ``token_embd`` to be (n_embd, n_tokens)), so that no id the tokenizer or the sampler can produce
+        (bos/eos/pad included) falls outside the embedding or the logits.
+
+        Raises:
+            ModelFormatError: the counts differ; the message names the file and both counts.
+        """
+        where = source or self.source
+        if self.vocab_size != n_rows:
+            raise ModelFormatError(f"{where}: tokenizer.ggml.tokens has {self.vocab_size} tokens but token_embd "
+                                   f"has {n_rows} rows (they must match)")
+
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -396,8 +422,7 @@ class Tokenizer:
         Raises:
             ArgumentError: ``text`` is not a str, or BOS is requested but the model has none.
         """
-        if not isinstance(text, str):
-            raise ArgumentError(f"encode() needs a str, got {type(text).__name__}")
+        check_text(text, "encode() input")
         ids = self._hf.encode(text, add_special_tokens=False).ids
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
