@@ -125,3 +125,29 @@ def test_reference_kv_cache_eval_equals_full_forward(toy):
     np.testing.assert_allclose(first, full[:5], rtol=0, atol=1e-9)
     np.testing.assert_allclose(np.stack(steps), full[5:], rtol=0, atol=1e-9)
     assert st.n_past == len(IDS) and 0 < ref.cached_bytes <= 1 << 24
+
+
+def test_unsupported_files_are_refused_from_the_header_in_under_a_second(tmp_path):
+    """Fast refusal (issue 13): an unknown architecture and an unsupported tensor type are refused before the
+    vocabulary is parsed; the message names what is unsupported and what is."""
+    import time
+
+    from gguf import GGMLQuantizationType as GT
+
+    from apr_numba.model.support import refuse_unsupported
+
+    arch = tmp_path / "arch.gguf"
+    write_tiny_gguf(arch, arch="rwkv6")
+    qtype = tmp_path / "type.gguf"
+    write_tiny_gguf(qtype, q_type=GT.IQ2_XXS)
+    for path, want in ((arch, r"unsupported architecture 'rwkv6' \(supported: llama, qwen2"),
+                       (qtype, r"unsupported tensor types IQ2_XXS \(1 tensors\) \(supported: .*Q4_K")):
+        t0 = time.perf_counter()
+        with pytest.raises(ModelFormatError, match=want):
+            refuse_unsupported(path)
+        assert time.perf_counter() - t0 < 1.0
+        with pytest.raises(ModelFormatError, match=want):
+            load(path, backend="cpu", warmup=False)
+    ok = tmp_path / "ok.gguf"
+    write_tiny_gguf(ok)
+    assert refuse_unsupported(ok).arch == "llama"

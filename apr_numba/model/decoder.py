@@ -86,6 +86,9 @@ def _open_source(path: Path):
         magic = fh.read(4)
     if magic == b"GGUF":
         from apr_numba.formats.gguf_file import GGUFFile
+        from apr_numba.model.support import refuse_unsupported
+
+        refuse_unsupported(path)  # from the header alone, before the vocabulary is parsed (< 1 s)
 
         return GGUFFile(path)
     if magic == b"APR\x00":
