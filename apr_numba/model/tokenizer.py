@@ -46,14 +46,19 @@ TOKEN_USER_DEFINED = 4
 TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 
+# transformers integrations/gguf _LLAMA3_SPLIT == llama.cpp LLAMA_VOCAB_PRE_TYPE_LLAMA3 (tokenizer.ggml.pre llama-bpe).
+LLAMA3_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # transformers models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX == llama.cpp LLAMA_VOCAB_PRE_TYPE_QWEN2.
 QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-SUPPORTED_TOKENIZER_MODELS = ("gpt2",)
-SUPPORTED_PRE_TYPES = ("smollm", "qwen2")
+SUPPORTED_TOKENIZER_MODELS = ("gpt2", "llama")  # llama = SentencePiece, built by apr_numba.model.spm
+SUPPORTED_PRE_TYPES = ("smollm", "qwen2", "llama-bpe", "default")
 
 # Tokens that end a chat turn (llama.cpp's end-of-generation list, llama_vocab::impl::load), added to
 # ``eos_ids`` when the vocabulary has them as CONTROL tokens.
@@ -122,13 +127,16 @@ def _pre_tokenizer(pre_type: str) -> Any:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
             ]
         )
-    if pre_type == "qwen2":
+    if pre_type in ("qwen2", "llama-bpe"):
+        split = QWEN2_SPLIT_REGEX if pre_type == "qwen2" else LLAMA3_SPLIT_REGEX
         return pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
+    if pre_type == "default":  # transformers' GPT2Tokenizer split (llama.cpp's own default regexes differ)
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     raise AssertionError(pre_type)  # checked by the caller
 
 
@@ -265,6 +273,10 @@ class Tokenizer:
                 f"{source}: unsupported tokenizer.ggml.model {tok_model!r} "
                 f"(supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)})"
             )
+        if tok_model == "llama":
+            from apr_numba.model.spm import build_spm_tokenizer
+
+            return build_spm_tokenizer(meta, source)
         tokens = meta_value(meta, "tokenizer.ggml.tokens", "str_list", source)
         if not tokens:
             raise ModelFormatError(f"{source}: tokenizer metadata 'tokenizer.ggml.tokens' is missing or empty")
