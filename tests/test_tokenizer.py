@@ -26,7 +26,11 @@ MODEL_KEYS = sorted(FIXTURE["models"])
 # with the repo's pre-tokenizer), see make_tokenizer_fixtures.py.
 KNOWN_GGUF_CONVERTER_DIVERGENCES = {"smollm": {"a  12", "Ω≈ç√∫ µ≤≥÷ ½ ∞"}}
 
-PENDING_SPM = {"gemma3"}
+# tokenizer.ggml.pre of each file; byte-level (gpt2) models have chat templates and ChatML tokens, gemma-3-270m
+# (SentencePiece, a base model) has neither.
+PRE_TYPE = {"smollm": "smollm", "qwen2": "qwen2", "gemma3": "default"}
+BYTE_LEVEL_KEYS = ["qwen2", "smollm"]
+CHAT_KEYS = sorted(k for k in MODEL_KEYS if FIXTURE["models"][k]["chat"])
 
 _BUILD_SECONDS: dict[str, float] = {}
 _METADATA: dict[str, dict] = {}
@@ -41,7 +45,7 @@ def _metadata(key: str) -> dict:
         if not path.exists():
             pytest.skip(f"{path.name} not present")
         meta = gguf_metadata(gguf.GGUFReader(str(path)))
-        _METADATA[key] = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+        _METADATA[key] = {k: v for k, v in meta.items() if k.startswith("tokenizer.") or k == "general.architecture"}
     return _METADATA[key]
 
 
@@ -57,14 +61,7 @@ def _tokenizer(key: str) -> Tokenizer:
     if key not in _TOKENIZERS:
         meta = _metadata(key)
         t0 = time.perf_counter()
-        try:
-            tok = Tokenizer.from_metadata(meta, source=FIXTURE["models"][key]["gguf_file"])
-        except ModelFormatError as exc:
-            # gemma3's SentencePiece vocabulary is recorded ahead of the engine's SPM tokenizer (issue 13):
-            # until that lands these cases are expected failures; once it builds, they run in full.
-            if key in PENDING_SPM and "unsupported tokenizer.ggml.model" in str(exc):
-                pytest.xfail(f"{key}: {exc}")
-            raise
+        tok = Tokenizer.from_metadata(meta, source=FIXTURE["models"][key]["gguf_file"])
         _BUILD_SECONDS[key] = time.perf_counter() - t0
         _TOKENIZERS[key] = tok
     return _TOKENIZERS[key]
@@ -91,19 +88,22 @@ def _all_cases():
 def test_build_time_and_attributes(tok, model_key):
     ref = FIXTURE["models"][model_key]
     assert tok.vocab_size == ref["vocab_size"]
-    assert tok.pre_type == model_key
+    assert tok.pre_type == PRE_TYPE[model_key]
     assert tok.id_to_token(tok.bos_id) == ref["bos_token"]
     assert tok.id_to_token(tok.eos_id) == ref["eos_token"]
-    assert tok.chat_template
-    # Aim is well under 1 s (~0.3-0.4 s for 152k tokens on an idle core); loose bound for shared CI.
-    assert _BUILD_SECONDS[model_key] < 3.0, _BUILD_SECONDS
+    assert bool(tok.chat_template) == bool(ref["chat"])
+    # Byte-level: aim is well under 1 s (~0.3-0.4 s for 152k tokens on an idle core); loose bound for shared
+    # CI. gemma3's 262,144 SentencePiece pieces need their ~515k merges derived first (a few seconds; a
+    # start-up cache hit skips that, see test_json_round_trip).
+    assert _BUILD_SECONDS[model_key] < (3.0 if model_key in BYTE_LEVEL_KEYS else 30.0), _BUILD_SECONDS
 
 
 @pytest.mark.parametrize(("key", "case"), list(_all_cases()))
 def test_ids_match_hf(key, case):
     tok = _tokenizer(key)
     expected = case.get("repo_ids", case["ids"])
-    assert tok.encode(case["text"]) == expected
+    # the fixture holds encode(text, add_special_tokens=False): no BOS even where the file says add_bos_token
+    assert tok.encode(case["text"], add_bos=False) == expected
 
 
 def test_known_divergences_from_gguf_converter():
@@ -118,11 +118,13 @@ def test_decode_matches_hf(key, case):
     tok = _tokenizer(key)
     assert tok.decode(case["ids"]) == case["decode"]
     assert tok.decode(case["ids"], skip_special=True) == case["decode_skip_special"]
-    # Byte-level BPE is lossless: decode(encode(text)) == text.
-    assert tok.decode(tok.encode(case["text"])) == case["text"]
+    # Byte-level BPE and SentencePiece with byte fallback (no normalizer but spaces as "▁") are lossless.
+    assert tok.decode(tok.encode(case["text"], add_bos=False)) == case["text"]
 
 
-def test_chat_template_matches_hf(tok, model_key):
+@pytest.mark.parametrize("model_key", CHAT_KEYS)
+def test_chat_template_matches_hf(model_key):
+    tok = _tokenizer(model_key)
     for chat in FIXTURE["models"][model_key]["chat"]:
         got = tok.apply_chat_template(chat["messages"], add_generation_prompt=chat["add_generation_prompt"])
         assert got == chat["text"]
@@ -130,7 +132,9 @@ def test_chat_template_matches_hf(tok, model_key):
     assert not no_prompt.endswith("<|im_start|>assistant\n")
 
 
-def test_special_tokens_matched_whole(tok):
+@pytest.mark.parametrize("model_key", BYTE_LEVEL_KEYS)
+def test_special_tokens_matched_whole(model_key):
+    tok = _tokenizer(model_key)
     im_start = tok.token_to_id("<|im_start|>")
     im_end = tok.token_to_id("<|im_end|>")
     assert im_start is not None and im_end is not None
@@ -141,7 +145,9 @@ def test_special_tokens_matched_whole(tok):
     assert tok.decode(ids, skip_special=True) == "user\nhi"
 
 
-def test_add_bos(tok):
+@pytest.mark.parametrize("model_key", BYTE_LEVEL_KEYS)
+def test_add_bos(model_key):
+    tok = _tokenizer(model_key)
     assert tok.add_bos is False
     assert tok.encode("hi") == tok.encode("hi", add_bos=False)
     assert tok.encode("hi", add_bos=True) == [tok.bos_id, *tok.encode("hi")]
@@ -169,17 +175,21 @@ def test_stream_decode_concatenates_to_decode(key, case):
 
 
 def test_stream_holds_back_split_emoji(tok):
-    text = "👩‍💻🎉 ok"
-    ids = tok.encode(text)
+    # U+F0001 (private use) is in no vocabulary: byte-level BPE and SentencePiece byte fallback both spell
+    # it as 4 byte tokens; byte-level vocabularies split the emoji too (gemma's has them whole).
+    text = "👩‍💻🎉 ok \U000F0001"
+    ids = tok.encode(text, add_bos=False)
     dec = tok.stream_decoder()
     pieces = [dec.push(i) for i in ids]
-    # Emoji are split over several byte tokens: some pushes complete nothing and must return "".
+    # Characters split over several byte tokens: some pushes complete nothing and must return "".
     assert len(ids) > len(text.split()) and "" in pieces
     assert "".join(pieces) == text and not dec.pending
     assert dec.flush() == ""
 
 
-def test_stream_invalid_utf8_matches_decode(tok):
+@pytest.mark.parametrize("model_key", BYTE_LEVEL_KEYS)
+def test_stream_invalid_utf8_matches_decode(model_key):
+    tok = _tokenizer(model_key)
     # The first two bytes of "你" (E4 BD A0) then "a": decode shows U+FFFD, and so must push+flush.
     ids = [tok.token_to_id(c) for c in ("ä", "½")]  # byte-level spelling of bytes 0xE4, 0xBD
     ids.append(tok.encode("a")[0])
@@ -216,9 +226,9 @@ def test_json_round_trip(tok, model_key):
     assert (back.chat_template, back.pre_type, back.source) == (tok.chat_template, tok.pre_type, tok.source)
     for case in _cases(model_key):
         assert back.encode(case["text"]) == tok.encode(case["text"])
-    chat = FIXTURE["models"][model_key]["chat"][0]
-    assert back.apply_chat_template(chat["messages"]) == chat["text"]
-    assert elapsed < 5.0
+    for chat in FIXTURE["models"][model_key]["chat"][:1]:
+        assert back.apply_chat_template(chat["messages"]) == chat["text"]
+    assert elapsed < (5.0 if model_key in BYTE_LEVEL_KEYS else 30.0)
 
 
 def test_from_json_rejects_garbage():
@@ -287,7 +297,7 @@ def test_token_spelled_outside_byte_alphabet_is_respelled():
         ),
         ({"tokenizer.ggml.merges": None}, "tokenizer.ggml.merges"),
         ({"tokenizer.ggml.model": None}, "tokenizer.ggml.model"),
-        ({"tokenizer.ggml.model": "llama"}, "unsupported tokenizer.ggml.model 'llama'"),
+        ({"tokenizer.ggml.model": "t5"}, "unsupported tokenizer.ggml.model 't5'"),
         ({"tokenizer.ggml.pre": "mystery-pre"}, "tokenizer.ggml.pre 'mystery-pre' is not supported"),
         ({"tokenizer.ggml.pre": None}, "tokenizer.ggml.pre is missing"),
         ({"tokenizer.ggml.token_type": [1, 1]}, "token_type has 2 entries"),
