@@ -28,6 +28,10 @@ the project's references are transformers':
   pieces plain added tokens, matched whole in the text (transformers' ``add_gguf_special_tokens`` and
   the special tokens its tokenizer classes register).
 
+Each piece decodes (``Tokenizer.token_bytes`` / ``stream_decoder``, :func:`piece_bytes`) to its UTF-8 with
+"▁" as a space, a ``<0xNN>`` piece to that byte. The stream decoder does not strip the prefix space that
+``decode`` strips, so a streamed continuation keeps its leading space.
+
 Known difference from llama.cpp: after a special token in the text llama.cpp prepends another space to
 the next piece of text (``is_prev_special``); transformers (and so this module) prepends one only at the
 start of the text.
@@ -39,17 +43,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gguf import TokenType
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from apr_numba.errors import ArgumentError, ModelFormatError
-from apr_numba.model.tokenizer import (
-    _EOG_TOKENS,
-    TOKEN_CONTROL,
-    TOKEN_NORMAL,
-    TOKEN_USER_DEFINED,
-    Tokenizer,
-)
+from apr_numba.errors import ModelFormatError
 
 SPACE = "\u2581"  # "▁", SentencePiece's space marker
 GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
@@ -126,49 +124,15 @@ def derive_merges(tokens: Sequence[str], ranks: Sequence[float]) -> list[int]:
     return [i for m in merges for i in m[4:]]
 
 
-def _token_bytes(piece: str) -> bytes:
-    """Bytes a piece decodes to, as the decoder chain (Replace "▁", ByteFallback, Fuse) makes them."""
+def piece_bytes(piece: str) -> bytes:
+    """Bytes a piece decodes to, as the decoder chain (Replace "▁", ByteFallback, Fuse) makes them.
+
+    ``"<0x0A>"`` -> ``b"\\n"``; any other piece -> its UTF-8 with "▁" (U+2581) replaced by a space.
+    """
     m = _BYTE_TOKEN.match(piece)
     if m:
         return bytes([int(m.group(1), 16)])
     return piece.replace(SPACE, " ").encode("utf-8")
-
-
-class SpmTokenizer(Tokenizer):
-    """A :class:`~apr_numba.model.tokenizer.Tokenizer` over a SentencePiece vocabulary (see the module doc).
-
-    Extra attributes:
-        add_eos: ``tokenizer.ggml.add_eos_token`` (default False): whether ``encode`` appends EOS.
-        add_space_prefix: whether a "▁" is put in front of the text (and stripped again by ``decode``).
-        scores: the pieces' scores (``tokenizer.ggml.scores``) as floats, or None.
-
-    ``token_bytes`` / ``stream_decoder`` give each piece's bytes ("▁" as a space, ``<0xNN>`` as that
-    byte); the stream decoder does not strip the prefix space that ``decode`` strips, so that a streamed
-    continuation keeps its leading space.
-    """
-
-    add_eos: bool = False
-    add_space_prefix: bool = True
-    scores: list[float] | None = None
-
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text`` (see :meth:`Tokenizer.encode`); EOS appended when the file says add_eos_token.
-
-        Raises:
-            ArgumentError: ``text`` is not a str, or BOS/EOS is requested but the model has none.
-        """
-        ids = super().encode(text, add_bos)
-        if self.add_eos:
-            if self.eos_id is None:
-                raise ArgumentError(f"{self.source}: add_eos_token is set but the model has no EOS token")
-            ids.append(self.eos_id)
-        return ids
-
-    def token_bytes(self) -> list[bytes]:
-        """Per-id bytes each piece decodes to ("▁" -> space, ``<0xNN>`` -> one byte)."""
-        if self._token_bytes is None:
-            self._token_bytes = [_token_bytes(t) for t in self._tokens]
-        return self._token_bytes
 
 
 def _special_id(meta: Mapping[str, Any], key: str, n_vocab: int, source: str) -> int | None:
@@ -195,13 +159,26 @@ def _list(meta: Mapping[str, Any], key: str, n: int | None, source: str) -> list
     return list(val)
 
 
-def build_spm_tokenizer(meta: Mapping[str, Any], source: str = "model") -> SpmTokenizer:
-    """Build the tokenizer of a SentencePiece GGUF vocabulary (``tokenizer.ggml.model = llama``).
+def spm_tokenizer_parts(
+    meta: Mapping[str, Any], source: str, eog_tokens: Sequence[str]
+) -> tuple[_HFTokenizer, list[str], dict[str, Any], dict[str, Any]]:
+    """What :class:`~apr_numba.model.tokenizer.Tokenizer` is built from, for a SentencePiece GGUF vocabulary.
+
+    ``Tokenizer.from_metadata`` calls this for ``tokenizer.ggml.model = llama`` (this module does not
+    import the tokenizer module: no import cycle).
 
     Args:
         meta: GGUF metadata (key -> Python value); reads the ``tokenizer.*`` keys and
             ``general.architecture`` (gemma files rank merges by position, see the module doc).
         source: file name used in error messages.
+        eog_tokens: piece spellings that end a turn when the vocabulary has them as CONTROL pieces
+            (added to ``eos_ids``).
+
+    Returns:
+        ``(hf, pieces, kept_meta, kwargs)``: the ``tokenizers.Tokenizer``; the pieces as looked up (gemma's
+        whitespace pieces respelled); the metadata ``to_json`` keeps (with the derived merges, so that a
+        start-up cache hit does not derive them again); the remaining keyword arguments of the
+        ``Tokenizer`` constructor (special ids, ``add_bos``/``add_eos``, ``pre_type``, ``piece_bytes``...).
 
     Raises:
         ModelFormatError: no or empty ``tokenizer.ggml.tokens``, non-string pieces, scores or token
@@ -215,7 +192,7 @@ def build_spm_tokenizer(meta: Mapping[str, Any], source: str = "model") -> SpmTo
         raise ModelFormatError(f"{source}: tokenizer.ggml.tokens holds non-string entries")
     n_vocab = len(tokens)
     scores = _list(meta, "tokenizer.ggml.scores", n_vocab, source)
-    token_type = _list(meta, "tokenizer.ggml.token_type", n_vocab, source) or [TOKEN_NORMAL] * n_vocab
+    token_type = _list(meta, "tokenizer.ggml.token_type", n_vocab, source) or [TokenType.NORMAL] * n_vocab
     arch = meta.get("general.architecture")
     gemma = arch in GEMMA_ARCHS
     add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", not gemma)) and not gemma
@@ -230,6 +207,8 @@ def build_spm_tokenizer(meta: Mapping[str, Any], source: str = "model") -> SpmTo
             raise ModelFormatError(f"{source}: tokenizer.ggml.add_bos_token is set but there is no bos_token_id")
         add_bos = False
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    if add_eos and ids["eos"] is None:
+        raise ModelFormatError(f"{source}: tokenizer.ggml.add_eos_token is set but there is no eos_token_id")
     chat_template = meta.get("tokenizer.chat_template")
     if chat_template is not None and not isinstance(chat_template, str):
         raise ModelFormatError(f"{source}: tokenizer.chat_template is not a string")
@@ -274,18 +253,18 @@ def build_spm_tokenizer(meta: Mapping[str, Any], source: str = "model") -> SpmTo
     named = {ids[k] for k in ("unknown", "bos", "eos", "padding") if ids[k] is not None}
     if gemma and "<mask>" in vocab:
         named.add(vocab["<mask>"])
-    control = [i for i, t in enumerate(token_type) if t == TOKEN_CONTROL]
+    control = [i for i, t in enumerate(token_type) if t == TokenType.CONTROL]
     specials = sorted(set(control) | named)
     special_set = set(specials)
     user = [i for i, t in enumerate(token_type)
-            if t == TOKEN_USER_DEFINED and i not in special_set and stored[i] in vocab]
+            if t == TokenType.USER_DEFINED and i not in special_set and stored[i] in vocab]
     hf.add_special_tokens([AddedToken(stored[i], normalized=False, special=True) for i in specials])
     if user:
         hf.add_tokens([AddedToken(stored[i], normalized=False, special=False) for i in user])
 
     eos_set = {i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None}
     control_set = set(control)
-    for name in _EOG_TOKENS:
+    for name in eog_tokens:
         i = vocab.get(name)
         if i is not None and i in control_set:
             eos_set.add(i)
@@ -293,11 +272,7 @@ def build_spm_tokenizer(meta: Mapping[str, Any], source: str = "model") -> SpmTo
     keep = {k: meta[k] for k in _SPM_CACHE_KEYS if k in meta}
     if flat is not None:
         keep[_MERGES_KEY] = flat
-    tok = SpmTokenizer(
-        hf,
-        tokens,
-        keep,
-        source,
+    kwargs = dict(
         pre_type=str(meta.get("tokenizer.ggml.pre", "default")),
         bos_id=ids["bos"],
         eos_id=ids["eos"],
@@ -307,8 +282,7 @@ def build_spm_tokenizer(meta: Mapping[str, Any], source: str = "model") -> SpmTo
         special_ids=frozenset(specials),
         add_bos=add_bos,
         chat_template=chat_template,
+        add_eos=add_eos,
+        piece_bytes=piece_bytes,
     )
-    tok.add_eos = add_eos
-    tok.add_space_prefix = add_prefix
-    tok.scores = [float(s) for s in scores] if scores is not None else None
-    return tok
+    return hf, tokens, keep, kwargs

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -211,6 +211,8 @@ class Tokenizer:
             ``tokenizer.ggml.eot_token_id`` / ``eom_token_id`` when present.
         special_ids: frozenset of CONTROL token ids (skipped by ``decode(skip_special=True)``).
         add_bos: ``tokenizer.ggml.add_bos_token`` (default False): whether ``encode`` prepends BOS.
+        add_eos: ``tokenizer.ggml.add_eos_token`` (SentencePiece files; default False): whether ``encode``
+            appends EOS.
         chat_template: the jinja2 chat template string, or None.
         pre_type: ``tokenizer.ggml.pre`` ("smollm", "qwen2").
         source: name of the file the tokenizer came from (used in error messages).
@@ -232,8 +234,11 @@ class Tokenizer:
         special_ids: frozenset[int],
         add_bos: bool,
         chat_template: str | None,
+        add_eos: bool = False,
+        piece_bytes: Callable[[str], bytes] | None = None,
     ):
-        """Internal: use :meth:`from_metadata` or :meth:`from_json`."""
+        """Internal: use :meth:`from_metadata` or :meth:`from_json`. ``add_eos``: ``encode`` appends EOS;
+        ``piece_bytes``: vocabulary spelling -> decoded bytes (default: the byte-level alphabet)."""
         self._hf = hf
         self._tokens = tokens
         self._meta = meta
@@ -248,6 +253,8 @@ class Tokenizer:
         self.special_ids = special_ids
         self.add_bos = add_bos
         self.chat_template = chat_template
+        self.add_eos = add_eos
+        self._piece_bytes = piece_bytes or _token_bytes
         self._token_bytes: list[bytes] | None = None
         self._template: Any = None
 
@@ -274,9 +281,10 @@ class Tokenizer:
                 f"(supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)})"
             )
         if tok_model == "llama":
-            from apr_numba.model.spm import build_spm_tokenizer
+            from apr_numba.model.spm import spm_tokenizer_parts
 
-            return build_spm_tokenizer(meta, source)
+            hf, spm_tokens, keep, kwargs = spm_tokenizer_parts(meta, source, _EOG_TOKENS)
+            return cls(hf, spm_tokens, keep, source, **kwargs)
         tokens = meta_value(meta, "tokenizer.ggml.tokens", "str_list", source)
         if not tokens:
             raise ModelFormatError(f"{source}: tokenizer metadata 'tokenizer.ggml.tokens' is missing or empty")
@@ -440,6 +448,8 @@ class Tokenizer:
             if self.bos_id is None:
                 raise ArgumentError(f"{self.source}: add_bos requested but the model has no BOS token")
             ids.insert(0, self.bos_id)
+        if self.add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
         return ids
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
@@ -468,7 +478,7 @@ class Tokenizer:
     def token_bytes(self) -> list[bytes]:
         """Per-id bytes each token decodes to (built on first use, ~0.1 s for 152k tokens)."""
         if self._token_bytes is None:
-            self._token_bytes = [_token_bytes(t) for t in self._tokens]
+            self._token_bytes = [self._piece_bytes(t) for t in self._tokens]
         return self._token_bytes
 
     def token_to_id(self, token: str) -> int | None:
