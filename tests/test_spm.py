@@ -136,8 +136,10 @@ def test_gemma_respells_whitespace_pieces():
     ("over", "match"),
     [
         ({"tokenizer.ggml.tokens": []}, "tokenizer.ggml.tokens"),
-        ({"tokenizer.ggml.tokens": [b"a"] * 269, "tokenizer.ggml.token_type": None}, "non-string"),
+        ({"tokenizer.ggml.tokens": [b"a"] * 269, "tokenizer.ggml.token_type": None}, "non-string items"),
         ({"tokenizer.ggml.scores": [0.0, 1.0]}, "scores has 2 entries"),
+        ({"tokenizer.ggml.scores": ["x"] * 269}, "scores holds non-numbers"),
+        ({"tokenizer.ggml.add_space_prefix": "maybe"}, "add_space_prefix' must be a boolean"),
         ({"tokenizer.ggml.token_type": [1]}, "token_type has 1 entries"),
         ({"tokenizer.ggml.scores": None}, "neither tokenizer.ggml.scores nor merges"),
         ({"tokenizer.ggml.bos_token_id": 10**6}, "bos_token_id = 1000000 out of range"),

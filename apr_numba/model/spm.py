@@ -48,6 +48,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from apr_numba.errors import ModelFormatError
+from apr_numba.model.hparams import meta_value
 
 SPACE = "\u2581"  # "▁", SentencePiece's space marker
 GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
@@ -136,27 +137,26 @@ def piece_bytes(piece: str) -> bytes:
 
 
 def _special_id(meta: Mapping[str, Any], key: str, n_vocab: int, source: str) -> int | None:
-    val = meta.get(f"tokenizer.ggml.{key}")
-    if val is None:
-        return None
-    try:
-        tid = int(val)
-    except (TypeError, ValueError) as exc:
-        raise ModelFormatError(f"{source}: tokenizer.ggml.{key} has bad value {val!r}") from exc
-    if not 0 <= tid < n_vocab:
+    tid = meta_value(meta, f"tokenizer.ggml.{key}", "int", source, None)
+    if tid is not None and not 0 <= tid < n_vocab:
         raise ModelFormatError(f"{source}: tokenizer.ggml.{key} = {tid} out of range [0, {n_vocab})")
     return tid
 
 
-def _list(meta: Mapping[str, Any], key: str, n: int | None, source: str) -> list | None:
+def _scores(meta: Mapping[str, Any], n: int, source: str) -> list[float] | None:
+    """``tokenizer.ggml.scores`` as floats (None when absent); one per piece, all numbers."""
+    key = "tokenizer.ggml.scores"
     val = meta.get(key)
     if val is None:
         return None
     if not isinstance(val, (list, tuple)):
         raise ModelFormatError(f"{source}: {key} is not an array")
-    if n is not None and len(val) != n:
+    if len(val) != n:
         raise ModelFormatError(f"{source}: {key} has {len(val)} entries for {n} tokens")
-    return list(val)
+    try:
+        return [float(x) for x in val]
+    except (TypeError, ValueError) as exc:
+        raise ModelFormatError(f"{source}: {key} holds non-numbers") from exc
 
 
 def spm_tokenizer_parts(
@@ -185,40 +185,43 @@ def spm_tokenizer_parts(
             types of the wrong length, neither scores nor merges, a special id out of range,
             ``add_bos_token`` without a BOS id, a non-string chat template; the message names ``source``.
     """
-    tokens = _list(meta, "tokenizer.ggml.tokens", None, source)
+    tokens = meta_value(meta, "tokenizer.ggml.tokens", "str_list", source, None)
     if not tokens:
         raise ModelFormatError(f"{source}: tokenizer metadata 'tokenizer.ggml.tokens' is missing or empty")
-    if not all(isinstance(t, str) for t in tokens):
-        raise ModelFormatError(f"{source}: tokenizer.ggml.tokens holds non-string entries")
+    tokens = list(tokens)
     n_vocab = len(tokens)
-    scores = _list(meta, "tokenizer.ggml.scores", n_vocab, source)
-    token_type = _list(meta, "tokenizer.ggml.token_type", n_vocab, source) or [TokenType.NORMAL] * n_vocab
-    arch = meta.get("general.architecture")
+    scores = _scores(meta, n_vocab, source)
+    token_type = meta_value(meta, "tokenizer.ggml.token_type", "int_list", source, None)
+    if token_type is None:
+        token_type = [TokenType.NORMAL] * n_vocab
+    elif len(token_type) != n_vocab:
+        raise ModelFormatError(
+            f"{source}: tokenizer.ggml.token_type has {len(token_type)} entries for {n_vocab} tokens")
+    arch = meta_value(meta, "general.architecture", "str", source, None)
     gemma = arch in GEMMA_ARCHS
-    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", not gemma)) and not gemma
+    add_prefix = meta_value(meta, "tokenizer.ggml.add_space_prefix", "bool", source, True) and not gemma
     stored = tokens
     if gemma:  # whitespace-only pieces are stored with real spaces; the merges are built on "▁" spellings
         tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
     ids = {k: _special_id(meta, f"{k}_token_id", n_vocab, source)
            for k in ("bos", "eos", "unknown", "padding", "eot", "eom")}
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default for SPM
+    add_bos = meta_value(meta, "tokenizer.ggml.add_bos_token", "bool", source, True)  # llama.cpp's SPM default
     if add_bos and ids["bos"] is None:
         if "tokenizer.ggml.add_bos_token" in meta:
             raise ModelFormatError(f"{source}: tokenizer.ggml.add_bos_token is set but there is no bos_token_id")
         add_bos = False
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    add_eos = meta_value(meta, "tokenizer.ggml.add_eos_token", "bool", source, False)
     if add_eos and ids["eos"] is None:
         raise ModelFormatError(f"{source}: tokenizer.ggml.add_eos_token is set but there is no eos_token_id")
-    chat_template = meta.get("tokenizer.chat_template")
-    if chat_template is not None and not isinstance(chat_template, str):
-        raise ModelFormatError(f"{source}: tokenizer.chat_template is not a string")
+    chat_template = meta_value(meta, "tokenizer.chat_template", "str", source, None)
+    pre_type = meta_value(meta, "tokenizer.ggml.pre", "str", source, "default")
 
     vocab = {t: i for i, t in enumerate(tokens)}
     flat = None
     if meta.get(_MERGES_KEY) is not None:  # from our own cache
         flat = meta[_MERGES_KEY]
-    elif meta.get("tokenizer.ggml.merges"):
-        merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    elif meta_value(meta, "tokenizer.ggml.merges", "str_list", source, None):
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     elif gemma:
         flat = derive_merges(tokens, range(0, -n_vocab, -1))
     elif scores is not None:
@@ -273,7 +276,7 @@ def spm_tokenizer_parts(
     if flat is not None:
         keep[_MERGES_KEY] = flat
     kwargs = dict(
-        pre_type=str(meta.get("tokenizer.ggml.pre", "default")),
+        pre_type=pre_type,
         bos_id=ids["bos"],
         eos_id=ids["eos"],
         pad_id=ids["padding"],
