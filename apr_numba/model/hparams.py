@@ -131,7 +131,7 @@ class ModelConfig:
     head_dim: int = 0
     name: str = ""
     n_rep: int = field(init=False, default=0)
-    source: str = ""
+    source: str = field(default="", compare=False)  # where it was read from: not part of the config
 
     def __post_init__(self) -> None:
         where = self.source or self.name or self.arch
