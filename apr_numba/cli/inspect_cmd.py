@@ -29,7 +29,7 @@ def inspect_model(model) -> dict[str, Any]:
     path = resolve_model(model)
     if path.is_dir():
         raise AprError(f"{path}: is a directory, not a .gguf or .apr file")
-    src = _open_source(path)
+    src = _open_source(path, refuse=False)  # describe any well-formed file, supported or not
     meta = src.metadata
     emb = src.tensors.get("token_embd.weight")
     n_vocab = emb.shape[0] if emb is not None else None

@@ -80,15 +80,18 @@ class LoadStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _open_source(path: Path):
-    """Open a model file by its content: GGUF, or .apr (when that reader is available)."""
+def _open_source(path: Path, refuse: bool = True):
+    """Open a model file by its content: GGUF, or .apr (when that reader is available). ``refuse``: refuse a
+    GGUF this engine cannot run from its header first (:func:`apr_numba.model.support.refuse_unsupported`);
+    ``inspect`` opens without it, to describe any well-formed file."""
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic == b"GGUF":
         from apr_numba.formats.gguf_file import GGUFFile
         from apr_numba.model.support import refuse_unsupported
 
-        refuse_unsupported(path)  # from the header alone, before the vocabulary is parsed (< 1 s)
+        if refuse:
+            refuse_unsupported(path)  # from the header alone, before the vocabulary is parsed (< 1 s)
 
         return GGUFFile(path)
     if magic == b"APR\x00":
