@@ -41,6 +41,7 @@ import ctypes
 import inspect
 import json
 import struct
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -473,10 +474,14 @@ def _opencl_backend_for(model, plan=None):
         from apr_numba.debug.faults import faulty_source
 
         return OpenCLBackend(faulty_source(model.source, plan), spec=model.spec, n_ctx=model.n_ctx)
-    be = getattr(model, "_opencl", None) or getattr(model, "_trace_opencl", None)
+    be = model.opencl or _TRACE_BACKENDS.get(model)
     if be is None:
-        be = model._trace_opencl = OpenCLBackend(model)
+        be = _TRACE_BACKENDS[model] = OpenCLBackend(model)
     return be
+
+
+# OpenCL backends built for tracing a CPU model, one per model, dropped with the model.
+_TRACE_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _trace_opencl(model, toks: np.ndarray, keys, plan) -> dict:
