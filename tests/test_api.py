@@ -189,3 +189,17 @@ def test_model_context_manager():
     with load(SMOLLM, n_ctx=64) as m:
         assert generate(m, "Hi", max_tokens=2) is not None
     assert m.state is None
+
+
+def test_second_turn_uses_the_first_through_the_kv_cache():
+    """A two-turn chat on qwen2.5-coder-0.5b-instruct, greedy: turn two reuses turn one's KV cache and its answer
+    uses what turn one said (the model's own greedy output, checked by the fact it names, not copied)."""
+    from apr_numba.model.decoder import load
+
+    m = load("qwen2.5-coder-0.5b", backend="cpu", n_ctx=512)
+    msgs = [{"role": "user", "content": "My name is Ada."}]
+    first = apr_numba.generate(m, msgs, max_tokens=24)
+    msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": "What is my name?"}]
+    res = apr_numba.run(m, msgs, max_tokens=24)
+    assert "Ada" in res.text
+    assert res.n_reused > 0 and 0 < res.n_prefilled < res.n_reused

@@ -141,7 +141,8 @@ def test_unsupported_files_are_refused_from_the_header_in_under_a_second(tmp_pat
     qtype = tmp_path / "type.gguf"
     write_tiny_gguf(qtype, q_type=GT.IQ2_XXS)
     for path, want in ((arch, r"unsupported architecture 'rwkv6' \(supported: llama, qwen2"),
-                       (qtype, r"unsupported tensor types IQ2_XXS \(1 tensors\) \(supported: .*Q4_K")):
+                       (qtype, r"unsupported tensor types IQ2_XXS \(1 tensors\), e.g. tensor blk.0.attn_q.weight "
+                               r"\(supported: .*Q4_K")):
         t0 = time.perf_counter()
         with pytest.raises(ModelFormatError, match=want):
             refuse_unsupported(path)

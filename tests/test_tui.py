@@ -61,27 +61,22 @@ async def _generate_stop_bisect_save_quit(tmp_path):
         await pilot.press(*"Once upon a time", "ctrl+j", *"there was")
         assert app.query_one(PromptArea).text == "Once upon a time\nthere was"
         await pilot.press("enter")
-        assert app.generating
+        await wait_for(lambda: app.generating or app.result is not None)
         await wait_for(lambda: len(app.tokens) >= 8)
-        await wait_for(lambda: app.parity is not None and app.parity.token is not None)
-        first = app.parity.position
-        await wait_for(lambda: app.parity.position > first)  # the cells move on with the tokens
         await pilot.pause()
         app.flush()
         await pilot.pause()
         out = screen_text(app.query_one("#output-text"))
         assert "Once upon a time" in out and app.tokens[1].text.strip() in out
-        shown = screen_text(cells)
-        assert f"position {app.parity.position}" in shown
-        assert "1-" in shown or "0.9" in shown  # cosine cells with values
-        assert all(c > 0.999 for c in app.parity.cosines), app.parity.cosines
 
         # keys stay responsive while tokens stream (chat mode on/off renders in the status line)
         lat = []
         for i in range(10):
-            assert app.generating
+            if not app.generating:
+                break
             lat.append(await key_latency(app, "ctrl+t", " chat " if i % 2 == 0 else " text "))
             await asyncio.sleep(0.05)
+        assert len(lat) >= 3, "the generation ended before the keys were timed"
         print(f"key-to-screen latency during generation: median {statistics.median(lat) * 1e3:.1f} ms, "
               f"max {max(lat) * 1e3:.1f} ms")
         assert max(lat) < LATENCY_LIMIT_S, lat
@@ -97,6 +92,14 @@ async def _generate_stop_bisect_save_quit(tmp_path):
         app.flush()
         assert text.strip()[:20] in screen_text(app.query_one("#output-text")).replace("\n", " ") or text[:10] in \
             screen_text(app.query_one("#output-text"))
+
+        # the shadow never held the generation up; now idle, it catches up and fills the per-layer cosines
+        await wait_for(lambda: app.parity is not None and app.parity.token is not None, timeout=300)
+        await pilot.pause()
+        shown = screen_text(cells)
+        assert f"position {app.parity.position}" in shown
+        assert "1-" in shown or "0.9" in shown  # cosine cells with values
+        assert all(c > 0.999 for c in app.parity.cosines), app.parity.cosines
 
         # bisect the last prompt against the shadow
         await pilot.press("ctrl+r")
@@ -138,7 +141,7 @@ async def _backend_failure(monkeypatch):
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(lambda: app.loaded is not None)
         m = engine.model
-        real_run, calls = m._run, {"n": 0}
+        real_run, calls = m.forward_into, {"n": 0}
 
         def flaky(*args, **kwargs):
             calls["n"] += 1
@@ -146,7 +149,7 @@ async def _backend_failure(monkeypatch):
                 raise RuntimeError("device lost (injected)")
             return real_run(*args, **kwargs)
 
-        monkeypatch.setattr(m, "_run", flaky)
+        monkeypatch.setattr(m, "forward_into", flaky)
         await pilot.press("enter")
         await wait_for(lambda: not app.generating and app.result is not None)
         assert app.result["stop_reason"] == "error"

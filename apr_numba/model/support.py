@@ -50,7 +50,9 @@ def refuse_unsupported(path) -> ArchSpec:
     if bad:
         known = ", ".join(sorted(_type_name(t) for t in SUPPORTED_TYPES if t < 128))
         got = ", ".join(f"{k} ({n} tensors)" for k, n in sorted(bad.items()))
-        raise ModelFormatError(f"{path}: unsupported tensor types {got} (supported: {known})")
+        first = next(name for name, _, t, _ in infos if t not in SUPPORTED_TYPES)
+        raise ModelFormatError(f"{path}: unsupported tensor types {got}, e.g. tensor {first} "
+                               f"(supported: {known})")
     tok = meta.get("tokenizer.ggml.model")
     if tok is not None and tok not in SUPPORTED_TOKENIZER_MODELS:
         raise ModelFormatError(f"{path}: unsupported tokenizer.ggml.model {tok!r} "
