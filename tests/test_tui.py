@@ -69,7 +69,9 @@ async def _generate_stop_bisect_save_quit(tmp_path):
         out = screen_text(app.query_one("#output-text"))
         assert "Once upon a time" in out and app.tokens[1].text.strip() in out
 
-        # keys stay responsive while tokens stream (chat mode on/off renders in the status line)
+        # keys stay responsive while tokens stream (chat mode on/off renders in the status line); the focus
+        # leaves the prompt box first (in it, keys type), without Escape (which would stop the generation)
+        app.set_focus(None)
         lat = []
         for i in range(10):
             if not app.generating:
@@ -137,7 +139,7 @@ def test_backend_failure_keeps_text_and_falls_back(monkeypatch):
 
 async def _backend_failure(monkeypatch):
     engine = Engine("smollm2-135m", backend="cpu", shadow="off", n_ctx=256)
-    app = Dashboard(engine, max_tokens=24, gates_at_start=False)
+    app = Dashboard(engine, max_tokens=24, prompt="The capital of France is", gates_at_start=False)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(lambda: app.loaded is not None)
         m = engine.model
