@@ -220,3 +220,27 @@ def test_run_registry_name_from_package_data(venv):
 def test_tui_help(venv):
     r = _cli(venv, "apr-tui", "--help", timeout=120)
     assert r.stdout.startswith("usage: apr-tui")
+
+
+def test_cold_start_compiled_the_products_in_a_second_process(venv):
+    """The fresh venv's first runs started on an empty Numba cache, so ``load`` ran the two-process compile
+    (apr_numba.kernels.precompile). Numba's own cache index of each precompiled kernel must hold exactly the
+    signatures precompile lists: one missing means it was not compiled ahead; one more means the forward
+    called the kernel with other types and compiled it again itself (the signatures have drifted)."""
+    import pickle
+
+    from apr_numba.kernels import precompile
+
+    folder = Path(venv["env"]["NUMBA_CACHE_DIR"])
+    files = {"matmul_auto": "matmul.matmul_auto", "embed_tokens": "embed.embed_tokens",
+             "attention": "attention.attention", "attention_blas": "attention.attention_blas",
+             "store_kv": "attention.store_kv", "rope_inplace": "rope.rope_inplace", "rmsnorm": "norm.rmsnorm",
+             "rmsnorm_heads": "norm.rmsnorm_heads"}
+    sigs = precompile.signatures()
+    assert set(sigs) == set(files) == {k for g in precompile.GROUPS.values() for k in g}
+    for name, stem in files.items():
+        (index,) = folder.glob(f"kernels_*/{stem}-*.nbi")
+        with open(index, "rb") as f:
+            pickle.load(f)  # Numba's version
+            _stamp, overloads = pickle.loads(f.read())
+        assert {key[0] for key in overloads} == {tuple(args) for _, args in sigs[name]}, name

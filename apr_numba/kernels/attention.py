@@ -176,7 +176,9 @@ def attention_blas(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_
         V = np.ascontiguousarray(v_cache[layer, :nk, src * head_dim:(src + 1) * head_dim])
         for i in range(n_rep):
             h = kv * n_rep + i
-            Q[i * T:(i + 1) * T] = qkv[:, h * head_dim:(h + 1) * head_dim]
+            for t in range(T):  # explicit loops: a slice assignment compiles Numba's shape-error path (~3 s)
+                for d in range(head_dim):
+                    Q[i * T + t, d] = qkv[t, h * head_dim + d]
         S = np.dot(Q, K.T) * scale  # (n_rep*T, nk)
         if capture:
             for i in range(n_rep):
@@ -187,8 +189,12 @@ def attention_blas(out, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, head_
         _mask_softmax_rows(S, T, pos0, causal, faults[F_SOFTMAX_NO_MAX] != 0, window)
         if capture:
             for i in range(n_rep):
-                probs_cap[kv * n_rep + i] = S[i * T:(i + 1) * T]
+                for t in range(T):
+                    for p in range(nk):
+                        probs_cap[kv * n_rep + i, t, p] = S[i * T + t, p]
         O = np.dot(S, V)  # (n_rep*T, head_dim)
         for i in range(n_rep):
             h = kv * n_rep + i
-            out[:, h * head_dim:(h + 1) * head_dim] = O[i * T:(i + 1) * T]
+            for t in range(T):
+                for d in range(head_dim):
+                    out[t, h * head_dim + d] = O[i * T + t, d]

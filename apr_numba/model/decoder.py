@@ -394,6 +394,10 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
     if not getattr(src, "from_cache", True) and hasattr(src, "save_cache"):
         src.save_cache(tok.to_json())
     t2 = time.perf_counter()
+    from apr_numba.kernels import precompile
+
+    # a cold kernel cache: the products compile in a second process while this one packs and compiles the rest
+    bg = precompile.start() if warmup else None
     weights = load_weights(src, spec, progress=progress)
     if hasattr(src, "release_pages"):
         src.release_pages()  # the packed copy is what runs: don't keep the file's pages resident too
@@ -403,6 +407,7 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
     if warmup:
         # Load (or compile) the Numba kernels now, so the first prompt's timings measure the forward.
         t4 = time.perf_counter()
+        precompile.finish(bg)
         m.eval([tok.bos_id if tok.bos_id is not None else 0], n_logits=1)
         m.reset()
         stats.extra["warmup_s"] = time.perf_counter() - t4
