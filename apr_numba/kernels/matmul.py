@@ -314,8 +314,11 @@ matmul3_serial = njit(fastmath=FASTMATH, nogil=True, cache=True, boundscheck=Fal
 MIN_PARALLEL_MACS = 600_000
 
 # Prefill of at least this many tokens goes through BLAS sgemm on dequantized row chunks (ggml-blas does the
-# same for large batches): measured 80-100 GMAC/s on 2 cores vs ~20-30 for the interleaved kernel.
-BLAS_MIN_T = 16
+# same for large batches): measured 80-100 GMAC/s on 2 cores vs ~20-30 for the interleaved kernel. Below
+# 64 tokens dequantizing every matrix costs more than it saves: bench/prefill_cliff.py (AMD EPYC, 2 threads)
+# had T = 16-31 at 0.57-0.91x the per-token rate of T = 15 with the switch at 16; from T = 64 the BLAS
+# path is ahead of the tile kernel idle and with a competing process (1.13-1.77x of T = 15).
+BLAS_MIN_T = 64
 # Row groups (of LANES rows) per sgemm task. Each task of one parallel region dequantizes its chunk and calls
 # single-threaded sgemm, so Numba's threads (TBB work stealing) are the only pool that runs: OpenBLAS is held
 # to one thread by apr_numba.runtime.limit_blas_threads (issue 14: its own threads competing with TBB's made
