@@ -98,11 +98,12 @@ def main(argv=None) -> int:
             size = path.stat().st_size
             kv = 0
             if not name.startswith("(floor"):
+                from apr_numba.arch.spec import ArchSpec
                 from apr_numba.formats.gguf_file import GGUFFile
-                from apr_numba.model.hparams import ModelConfig
 
                 src = GGUFFile(resolve_model(target))
-                cfg = ModelConfig.from_metadata(src.metadata, str(path))
+                emb = src.tensors["token_embd.weight"]
+                cfg = ArchSpec.from_metadata(src.metadata, str(path), src.tensors, n_vocab=emb.shape[0]).hp
                 kv = 2 * cfg.n_layer * a.n_ctx * cfg.kv_dim * 4
             row = {"model": name, "file_bytes": size, "kv_bytes": kv,
                    "wall_s": statistics.median(r["wall_s"] for r in runs),
