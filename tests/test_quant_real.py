@@ -52,8 +52,7 @@ def test_samples_hold_every_new_type_from_real_files():
     types = {GT(int(t.tensor_type)) for t in r.tensors}
     assert REQUIRED <= types, REQUIRED - types
     assert SAMPLES.stat().st_size < 3_000_000
-    srcs = [str(bytes(f.parts[f.data[0]]), "utf-8") for k, f in r.fields.items() if k.startswith("apr_numba.sample.")
-            and k.split(".")[-1].isdigit()]
+    srcs = [f.contents() for k, f in r.fields.items() if k.startswith("apr_numba.sample.") and k[-1].isdigit()]
     assert len(srcs) == len(r.tensors) and all(len(s.split(" / ")[0]) == 64 for s in srcs)  # a sha256 each
 
 
