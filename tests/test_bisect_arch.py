@@ -111,3 +111,16 @@ def test_weight_fault_needs_a_4bit_matrix(name):
     _, m, _, ids, _ = fixture(name)
     with pytest.raises(ArgumentError, match="4-bit"):
         trace(m, tokens=ids, inject="q4k-scale@0")
+
+
+@pytest.mark.parametrize("name,fault", GRID)
+def test_the_fault_means_the_same_on_the_reference(name, fault):
+    """The fault injected on both sides (CPU and float64 reference): every stage up to the faulty layer agrees."""
+    meta, m, _, ids, ref = fixture(name)
+    layer = meta["n_layer"] // 2
+    kw = dict(tokens=ids, layers=f"0..{layer}", inject=f"{fault}@{layer}")
+    cpu, fref = trace(m, **kw), trace(m, backend="reference", **kw)
+    res = compare_traces(cpu, fref)
+    assert not res.diverged, format_bisect(res)
+    if expected(name, fault) is not None:  # and the fault did change the reference's own trace
+        assert any(not np.array_equal(fref.tensors[k], ref.tensors[k]) for k in fref.tensors if k[0] == layer)
