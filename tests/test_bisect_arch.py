@@ -10,7 +10,8 @@ decided from facts independent of the engine:
 * ``qkv-bias-drop``: the GGUF (read with gguf-py) holds ``blk.N.attn_q.bias``; none of these files do;
 * ``gqa-map``: HF's ``num_key_value_heads`` > 1 (with one KV head, every query head already reads head 0);
 * ``ffn-swap``: the block has a dense gated FFN (``blk.N.ffn_gate.weight``); a MoE block has experts instead;
-* ``softmax-no-max``: some float64 reference score of the layer exceeds ln(65504) (else the fault is latent);
+* ``softmax-no-max``: some float64 reference score of the layer exceeds ln(65504) (else the fault is latent: no
+  score of these fixtures comes near it, so it is also shown on tests/tiny_arch.py files with large scores);
 * ``rope-theta``: always (the wrong base differs from the layer's own, whatever the layer's base is).
 
 ``q4k-scale`` (a weight fault) needs a 4-bit matrix; these files are Q8_0, so it must be refused clearly.
@@ -124,3 +125,21 @@ def test_the_fault_means_the_same_on_the_reference(name, fault):
     assert not res.diverged, format_bisect(res)
     if expected(name, fault) is not None:  # and the fault did change the reference's own trace
         assert any(not np.array_equal(fref.tensors[k], ref.tensors[k]) for k in fref.tensors if k[0] == layer)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3", "qwen3moe", "llama"])
+def test_softmax_overflow_is_named_where_scores_are_large(tmp_path, arch):
+    """softmax-no-max, latent on the fixtures, on a tiny file of each architecture whose Q/K weights (and QK-norm
+    weights) are scaled by 4 so that scores exceed ln(65504)."""
+    from tests.tiny_arch import write_arch_gguf
+
+    p = tmp_path / f"{arch}.gguf"
+    write_arch_gguf(p, arch, window=4 if arch == "gemma3" else 0, qk_gain=4.0)
+    m = load(p, backend="cpu", n_ctx=32, warmup=False)
+    ids = [3, 77, 120, 5, 9, 250, 41, 66, 8, 12, 199, 30]
+    ref = trace(m, tokens=ids, backend="reference")
+    top = float(ref.get("attn_scores", 1).max())
+    assert top > LN_F16_MAX + 0.5, top  # the fault can show at layer 1
+    res = compare_traces(trace(m, tokens=ids, inject="softmax-no-max@1"), ref, inject="softmax-no-max@1",
+                         config=m.config, source=m.source)
+    assert (res.layer, res.stage) == (1, FAULTS["softmax-no-max"].enters) == res.expected, format_bisect(res)
