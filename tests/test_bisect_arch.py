@@ -143,3 +143,18 @@ def test_softmax_overflow_is_named_where_scores_are_large(tmp_path, arch):
     res = compare_traces(trace(m, tokens=ids, inject="softmax-no-max@1"), ref, inject="softmax-no-max@1",
                          config=m.config, source=m.source)
     assert (res.layer, res.stage) == (1, FAULTS["softmax-no-max"].enters) == res.expected, format_bisect(res)
+
+
+def test_bisect_walks_a_moe_block_in_compute_order():
+    """A wrong router (its logits, hence the chosen experts and everything after them) is named at moe_router, not
+    at ffn_out, which aprender's stage enum lists before the MoE stages (Qwen3MoeSparseMoeBlock computes router
+    logits, top-k, experts, in that order, after post_attention_layernorm)."""
+    meta, m, _, ids, ref = fixture("qwen3moe")
+    cpu = trace(m, tokens=ids)
+    order = [s for la, s in cpu.keys() if la == 1]
+    assert order.index("ffn_norm") < order.index("moe_router") < order.index("moe_router_indices") \
+        < order.index("moe_ffn_out") < order.index("ffn_out") < order.index("post_ffn_residual")
+    for stage in ("moe_router", "moe_router_indices", "moe_ffn_out", "ffn_out", "post_ffn_residual"):
+        cpu.tensors[(1, stage)] = -cpu.tensors[(1, stage)] - 1.0  # everything from the router on is wrong
+    res = compare_traces(cpu, ref)
+    assert (res.layer, res.stage) == (1, "moe_router"), format_bisect(res)

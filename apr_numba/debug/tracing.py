@@ -49,6 +49,7 @@ import numpy as np
 
 from apr_numba.arch.stages import (
     ALIASES,
+    COMPUTE_RANK,
     DENSE_STAGES,
     MOE_STAGES,
     N_STAGES,
@@ -184,11 +185,12 @@ def stage_path(root, layer: int | None, stage: str) -> Path:
 
 
 def chain_order(keys) -> list[tuple[int | None, str]]:
-    """(layer, stage) keys in compute order: layer 0's embedding, each layer's stages in canonical order,
+    """(layer, stage) keys in compute order: layer 0's embedding, each layer's stages in the order they are
+    computed (arch.stages.COMPUTE_ORDER: a MoE block's router, ids and experts between ffn_norm and ffn_out),
     then final_norm and lm_head."""
     def k(key):
         layer, stage = key
-        return (1 << 30 if layer is None else layer, STAGE_ID[stage])
+        return (1 << 30 if layer is None else layer, COMPUTE_RANK[stage])
     return sorted(keys, key=k)
 
 
