@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2-135m
 PROMPT ?= The three primary colors are
 
-.PHONY: install run test lint models clean-cache
+.PHONY: install run test lint models requant clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ models: $(STAMP)
 	$(VENV)/bin/apr-numba pull qwen2.5-coder-0.5b
 	$(VENV)/bin/apr-numba pull gemma3-270m
 	$(VENV)/bin/apr-numba pull minilm-l6
+
+# Requantize SmolLM2 and Qwen2.5 with llama.cpp (Q5_K_M, Q3_K_M, Q2_K, IQ4_XS; ~1.8 GB in models/, git-ignored)
+# for tests/test_requant_models.py, and cut tests/fixtures/requant/quant_samples.gguf from them. Needs the
+# llamacpp extra (llama-cpp-python); the committed HF references need torch (tests/fixtures/make_requant_fixtures.py).
+requant: models
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q -e '.[llamacpp]'
+	$(PY) tests/fixtures/make_requant_fixtures.py --quantize-only
+	$(PY) tests/fixtures/make_quant_samples.py
 
 test: models
 	$(PY) -m pytest -q

@@ -18,11 +18,12 @@ D, H, HKV, HD, F, V, L = 64, 4, 2, 32, 96, 300, 3
 E, K, FE = 4, 2, 48  # experts, experts per token, expert FFN width
 
 
-def write_arch_gguf(path: Path, arch: str, window: int = 0, seed: int = 0) -> None:
+def write_arch_gguf(path: Path, arch: str, window: int = 0, seed: int = 0, qk_gain: float = 1.0) -> None:
     """Write a 3-layer ``arch`` decoder (head_dim 32 != n_embd / n_head = 16, GQA 4/2).
 
     gemma3: QK-norm, post-norms, GeGLU, embedding scale, ``attention.sliding_window = window``.
     qwen3: QK-norm. qwen3moe: QK-norm and 4 experts, 2 per token. llama: a ``rope_freqs`` tensor.
+    ``qk_gain``: multiplies attn_q, attn_k and the QK-norm weights (large attention scores).
     """
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), arch)
@@ -56,10 +57,10 @@ def write_arch_gguf(path: Path, arch: str, window: int = 0, seed: int = 0) -> No
     for il in range(L):
         p = f"blk.{il}."
         t[p + "attn_norm.weight"] = norm(D)
-        t[p + "attn_q.weight"], t[p + "attn_k.weight"] = mat(H * HD, D), mat(HKV * HD, D)
+        t[p + "attn_q.weight"], t[p + "attn_k.weight"] = qk_gain * mat(H * HD, D), qk_gain * mat(HKV * HD, D)
         t[p + "attn_v.weight"], t[p + "attn_output.weight"] = mat(HKV * HD, D), mat(D, H * HD)
         if arch in ("gemma3", "qwen3", "qwen3moe"):
-            t[p + "attn_q_norm.weight"], t[p + "attn_k_norm.weight"] = norm(HD), norm(HD)
+            t[p + "attn_q_norm.weight"], t[p + "attn_k_norm.weight"] = qk_gain * norm(HD), qk_gain * norm(HD)
         if arch == "gemma3":
             t[p + "post_attention_norm.weight"], t[p + "post_ffw_norm.weight"] = norm(D), norm(D)
         t[p + "ffn_norm.weight"] = norm(D)

@@ -93,6 +93,16 @@ ALIASES = {"layer_output": "post_ffn_residual"}
  S_MOE_ROUTER_INDICES, S_FINAL_NORM, S_LM_HEAD) = range(N_STAGES)
 
 
+# Where each stage is computed inside a block, the order bisection walks: aprender's enum lists the MoE stages
+# last, but they replace the dense FFN's ffn_gate..ffn_swigl (router logits, top-k ids, weighted experts, then
+# ffn_out = moe_ffn_out before any post-FFN norm).
+_FFN_NORM_AT = STAGES.index("ffn_norm") + 1
+COMPUTE_ORDER = (STAGES[:_FFN_NORM_AT] + ("moe_router", "moe_router_indices", "moe_ffn_out")
+                 + tuple(s for s in STAGES[_FFN_NORM_AT:] if s not in MOE_STAGES))
+COMPUTE_RANK = {name: i for i, name in enumerate(COMPUTE_ORDER)}
+assert set(COMPUTE_ORDER) == set(STAGES) and len(COMPUTE_ORDER) == N_STAGES
+
+
 def stage_doc(name: str) -> str:
     """The docstring of a stage (aliases accepted)."""
     return SaveTensorStage(ALIASES.get(name, name)).__doc__

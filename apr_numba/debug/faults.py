@@ -145,14 +145,15 @@ def parse_fault(spec: str) -> tuple[str, int | None]:
 
 
 def matrix_types(source, n_layer: int) -> dict[tuple[int, str], int]:
-    """(layer, slot) -> GGML type id of every per-layer matrix of a source (GGUFFile or ReferenceModel)."""
+    """(layer, slot) -> GGML type id of every per-layer matrix a source (GGUFFile or ReferenceModel) has."""
     from apr_numba.model.weights import LAYER_MATS
 
     out = {}
     for layer in range(n_layer):
         for slot in LAYER_MATS:
-            t = source.tensors[f"blk.{layer}.{slot}.weight"]
-            out[(layer, slot)] = int(t.ggml_type if hasattr(t, "ggml_type") else t.tensor_type)
+            t = source.tensors.get(f"blk.{layer}.{slot}.weight")  # a MoE block has no dense ffn_gate/up/down
+            if t is not None:
+                out[(layer, slot)] = int(t.ggml_type if hasattr(t, "ggml_type") else t.tensor_type)
     return out
 
 
@@ -177,7 +178,7 @@ def _q4k_targets(types: dict[tuple[int, str], int], layers: list[int], n_layer: 
     four = {T.Q4_0, T.Q4_1}
     out = []
     for la in layers:
-        slot = next((s for s in LAYER_MATS if types[(la, s)] in four), None)
+        slot = next((s for s in LAYER_MATS if types.get((la, s)) in four), None)
         if slot is not None:
             out.append((la, slot))
     if not out:
@@ -186,6 +187,18 @@ def _q4k_targets(types: dict[tuple[int, str], int], layers: list[int], n_layer: 
                  f"of {', '.join(f'blk.{la}.{s}' for la, s in out[:3])}{' ...' if len(out) > 3 else ''} "
                  "(faults.corrupted_raw)")
     return out
+
+
+def _layer_rope_bases(config, source) -> list[float]:
+    """Each layer's RoPE base: from the architecture description of ``source`` when it has GGUF metadata
+    (gemma3's local layers have their own), else ``config.rope_theta`` for every layer."""
+    meta = getattr(source, "metadata", None)
+    if meta is not None:
+        from apr_numba.arch.spec import ArchSpec
+
+        return list(ArchSpec.from_metadata(meta, str(getattr(source, "path", "model")), source.tensors,
+                                           n_vocab=config.n_vocab).layer_rope_base)
+    return [float(config.rope_theta)] * config.n_layer
 
 
 def plan_fault(spec: str | None, config, source=None) -> FaultPlan | None:
@@ -202,11 +215,24 @@ def plan_fault(spec: str | None, config, source=None) -> FaultPlan | None:
     if layer is not None and not 0 <= layer < L:
         raise ArgumentError(f"fault layer {layer} out of range (model has layers 0..{L - 1})")
     layers = list(range(L)) if layer is None else [layer]
-    base = float(config.rope_theta)
+    bases = _layer_rope_bases(config, source)
+    base = bases[layers[0]] if layer is not None else float(config.rope_theta)  # the base the fault replaces
     plan = FaultPlan(name, spec, layers, WRONG_ROPE_BASE_IF_10K if base == WRONG_ROPE_BASE else WRONG_ROPE_BASE,
                      WRONG_EPS, enters=FAULTS[name].enters)
     if name == "rope-theta":
         plan.notes.append(f"RoPE base {plan.rope_theta_alt:g} instead of {base:g}")
+        # gemma3: local layers have their own base; the wrong base breaks only the layers whose base differs
+        plan.layers = [la for la in layers if bases[la] != plan.rope_theta_alt]
+        if len(plan.layers) < len(layers):
+            plan.notes.append(f"layers whose own base is {plan.rope_theta_alt:g} are unchanged")
+        if not plan.layers:
+            plan.layers, plan.noop = layers, True
+    if name == "gqa-map" and config.n_head_kv == 1:
+        plan.noop = True
+        plan.notes.append("this model has one KV head: every query head reads it, gqa-map is a no-op here")
+    if name == "ffn-swap" and source is not None and f"blk.{layers[0]}.ffn_gate.weight" not in source.tensors:
+        plan.noop = True
+        plan.notes.append("this block has no dense gated FFN (a mixture of experts): ffn-swap is a no-op here")
     if name == "rmsnorm-eps":
         plan.notes.append(f"RMSNorm eps {plan.eps_alt:g} instead of {config.rms_eps:g}")
     if name == "qkv-bias-drop" and source is not None and f"blk.{layers[0]}.attn_q.bias" not in source.tensors:

@@ -49,6 +49,7 @@ import numpy as np
 
 from apr_numba.arch.stages import (
     ALIASES,
+    COMPUTE_RANK,
     DENSE_STAGES,
     MOE_STAGES,
     N_STAGES,
@@ -184,11 +185,12 @@ def stage_path(root, layer: int | None, stage: str) -> Path:
 
 
 def chain_order(keys) -> list[tuple[int | None, str]]:
-    """(layer, stage) keys in compute order: layer 0's embedding, each layer's stages in canonical order,
+    """(layer, stage) keys in compute order: layer 0's embedding, each layer's stages in the order they are
+    computed (arch.stages.COMPUTE_ORDER: a MoE block's router, ids and experts between ffn_norm and ffn_out),
     then final_norm and lm_head."""
     def k(key):
         layer, stage = key
-        return (1 << 30 if layer is None else layer, STAGE_ID[stage])
+        return (1 << 30 if layer is None else layer, COMPUTE_RANK[stage])
     return sorted(keys, key=k)
 
 
@@ -281,9 +283,19 @@ class Trace:
 # ------------------------------------------------------------------------------------------- capture
 
 
-def stage_shape(config, stage: str, T: int, nk: int | None = None) -> tuple[int, ...]:
-    """Shape of a stage for T positions (nk keys for the attention stages, default T)."""
+def stage_shape(config, stage: str, T: int, nk: int | None = None, moe: tuple[int, int] | None = None
+                ) -> tuple[int, ...]:
+    """Shape of a stage for T positions (nk keys for the attention stages, default T).
+
+    ``moe``: (n_expert, n_expert_used) of a mixture-of-experts model, for the moe_* stages: moe_router
+    (T, n_expert) logits, moe_router_indices (T, n_expert_used) ids, moe_ffn_out (T, n_embd).
+
+    Raises:
+        ArgumentError: a moe_* stage without ``moe``.
+    """
     c = config
+    if stage in MOE_STAGES and moe is not None:
+        return (T, {"moe_router": moe[0], "moe_router_indices": moe[1]}.get(stage, c.n_embd))
     nk = T if nk is None else nk
     width = {"qkv_matmul": c.q_dim + 2 * c.kv_dim, "qkv_bias": c.q_dim + 2 * c.kv_dim, "q_post_rope": c.q_dim,
              "k_post_rope": c.kv_dim, "attention": c.q_dim, "ffn_gate": c.n_ff, "ffn_up": c.n_ff,
@@ -309,9 +321,9 @@ def wanted_keys(stages: list[str], layers: list[int]) -> list[tuple[int | None, 
     return chain_order(keys)
 
 
-def trace_table(config, keys, T: int, pos0: int = 0):
+def trace_table(config, keys, T: int, pos0: int = 0, moe: tuple[int, int] | None = None):
     """The forward's capture table for ``keys``: (trace_off int64 (N_STAGES, n_layer), trace_buf float32,
-    {key: (offset, shape)}).
+    {key: (offset, shape)}). ``moe``: as for :func:`stage_shape`.
 
     attn_scores and attn_softmax are captured together by the attention kernel, so asking for one
     reserves room for both (only the one asked for is returned).
@@ -325,7 +337,7 @@ def trace_table(config, keys, T: int, pos0: int = 0):
             if other not in kk:
                 kk.append(other)
     for layer, stage in kk:
-        shape = stage_shape(config, stage, T, pos0 + T)
+        shape = stage_shape(config, stage, T, pos0 + T, moe)
         off[STAGE_ID[stage], 0 if layer is None else layer] = total
         where[(layer, stage)] = (total, shape)
         total += int(np.prod(shape))
@@ -375,7 +387,8 @@ def faulty_mats(model, plan):
 def _trace_buffers(model, keys, T: int, plan):
     """(trace_buf, where, dbg tuple, logits buffer) for capturing ``keys`` of a T-token prefill with ``plan``."""
     c = model.config
-    off, buf, where = trace_table(c, keys, T)
+    sp = model.spec
+    off, buf, where = trace_table(c, keys, T, moe=(sp.n_expert, sp.n_expert_used) if sp.n_expert else None)
     flags = plan.flag_table(c.n_layer) if plan is not None else None
     dbg = model.debug_args(off, buf, flags, plan.rope_theta_alt if plan else None, plan.eps_alt if plan else None)
     n_out = T if (None, "lm_head") in where else 0
@@ -534,7 +547,15 @@ def trace(model, prompt: str | None = None, *, tokens=None, stages="all", layers
         raise ArgumentError(f"unknown trace backend {backend!r} (choose from {', '.join(BACKENDS)})")
     m = _as_model(model)
     c = m.config
-    st = parse_stages(stages, moe=False, model_desc=f"{m.path.name} ({c.arch})")
+    st = parse_stages(stages, moe=bool(m.spec.n_expert), model_desc=f"{m.path.name} ({c.arch})")
+    if m.spec.n_expert:  # a MoE block has experts instead of the dense FFN stages
+        have = set(m.spec.block_stages())
+        if not (isinstance(stages, str) and stages.strip().lower() == "all"):
+            bad = [s for s in st if s not in have]
+            if bad:
+                raise ArgumentError(f"stage {bad[0]!r} does not exist in {m.path.name} ({c.arch}): its FFN is a "
+                                    "mixture of experts (moe_router, moe_router_indices, moe_ffn_out, ffn_out)")
+        st = [s for s in st if s in have]
     lay = parse_layers(layers, c.n_layer)
     if "embedding" in st and 0 not in lay and not (isinstance(stages, str) and stages.strip().lower() == "all"):
         raise ArgumentError("the embedding stage is layer 0's input: include layer 0 in the traced layers")

@@ -206,8 +206,11 @@ def attn_sub_005(ctx, *, alias_kv: bool = False, n: int = 8) -> Measured:
     c = m.config
     toks = _tokens(ctx)
     layers = sorted({0, c.n_layer - 1})
-    stages = [s for s in parse_stages("all") if s != "lm_head"]
+    sp = m.spec
+    have = set(sp.block_stages())  # a MoE block: the router, ids and experts instead of the dense FFN stages
+    stages = [s for s in parse_stages("all", moe=bool(sp.n_expert)) if s != "lm_head" and s in have]
     keys = wanted_keys(stages, layers)
+    moe = (sp.n_expert, sp.n_expert_used) if sp.n_expert else None
 
     def run(capture: bool):
         st = m.new_state(cpu=True)  # the model's n_ctx: roomy enough for the aliasing injection
@@ -216,7 +219,7 @@ def attn_sub_005(ctx, *, alias_kv: bool = False, n: int = 8) -> Measured:
             T = len(ids)
             logits = np.empty((1, c.n_vocab), np.float32)
             if capture:
-                off, buf, _ = trace_table(c, keys, T, st.n_past)
+                off, buf, _ = trace_table(c, keys, T, st.n_past, moe)
                 if alias_kv:
                     if buf.size > st.k.size:
                         raise RuntimeError("KV cache too small to alias the capture buffer")

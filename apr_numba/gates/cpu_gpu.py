@@ -303,6 +303,9 @@ def cpu_gpu_006(ctx, *, backend=None, steps: int | None = None) -> Measured:
                                "cosines " + ", ".join(f"{c:.6f}" for c in cos)), data={"cosines": cos, "lengths": lens})
 
 
+TABLE_TENSORS = frozenset({"rope_freqs.weight"})  # read into the RoPE tables at load, not weight buffers
+
+
 def device_buffers(be) -> dict[str, dict[int, int]]:
     """The backend's OpenCL buffers by role: {"weights" | "activations" | "aux": {int_ptr: bytes}}, found by walking
     its attributes (lists, tuples, dicts included), so a buffer held anywhere is counted. Weights are every buffer
@@ -329,11 +332,12 @@ def device_buffers(be) -> dict[str, dict[int, int]]:
 
 def gwr_001(ctx, *, backend=None) -> Measured:
     """Bytes of the device buffers holding weights (``size`` of every weight buffer the backend holds, each counted
-    once) over the bytes of the model's tensors (sum over the file's tensor index). Value: the ratio."""
+    once) over the bytes of the model's tensors (sum over the file's tensor index, less ``rope_freqs.weight``: Llama-3's
+    RoPE frequency factors are folded into the RoPE tables, an aux buffer). Value: the ratio."""
     be = _backend(ctx, backend)
     bufs = device_buffers(be)
     wbytes = sum(bufs["weights"].values())
-    mbytes = sum(int(t.nbytes) for t in ctx.model.source.tensors.values())
+    mbytes = sum(int(t.nbytes) for n, t in ctx.model.source.tensors.items() if n not in TABLE_TENSORS)
     aux, act = sum(bufs["aux"].values()), sum(bufs["activations"].values())
     return Measured(wbytes / mbytes, detail=(f"{wbytes} B in {len(bufs['weights'])} weight buffers on "
                                              f"{be.device_name} / {mbytes} B of tensors; aux {aux} B, activations "

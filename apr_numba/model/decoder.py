@@ -254,9 +254,10 @@ class Model:
         if rope_theta_alt is None:
             cos_alt, sin_alt = self.rope_cos[0, :1], self.rope_sin[0, :1]
         else:
-            from apr_numba.kernels.rope import rope_tables
-
-            cos_alt, sin_alt = rope_tables(self.n_ctx, c.head_dim, rope_theta_alt)
+            # the wrong base with the file's rope_freqs divisors and linear scaling kept (as the reference does)
+            alt = self.spec.with_features(layer_rope_base=(float(rope_theta_alt),) * c.n_layer)
+            cos_alt, sin_alt, _ = spec_rope_tables(alt, self.n_ctx, plan.rope_freqs(self.spec, self.source))
+            cos_alt, sin_alt = cos_alt[0], sin_alt[0]
         return (off, buf, flt, cos_alt, sin_alt, float(self.config.rms_eps if eps_alt is None else eps_alt))
 
     @property
