@@ -88,7 +88,8 @@ class Scheduler:
         if n_parallel < 1 or queue_size < 0:
             raise ValueError("n_parallel must be >= 1 and queue_size >= 0")
         self.model = model
-        self.slots = [Slot(i, model.new_state(n_ctx)) for i in range(n_parallel)]
+        # one stacked KV cache, a row per slot, so that a step runs every active slot in one forward
+        self.slots = [Slot(i, st) for i, st in enumerate(model.new_states(n_parallel, n_ctx))]
         self.n_ctx = self.slots[0].state.n_ctx
         self.queue_size = queue_size
         self.waiting: deque[Job] = deque()
@@ -220,9 +221,8 @@ class Scheduler:
             self.n_steps += 1
 
     def forward(self, slots: list[Slot]) -> None:
-        """Evaluate each slot's sampled token on its own KV state and hand the logits to its sequence.
-
-        Sequential: one single-token forward per slot. The place for a batched forward over the slots.
-        """
-        for s in slots:
-            s.seq.feed(self.model.eval([s.seq.next_token], n_logits=1, state=s.state)[-1])
+        """Evaluate each slot's sampled token on its own KV state, all in one batched forward
+        (:meth:`~apr_numba.model.Model.eval_batch`), and hand each sequence its row of the logits."""
+        logits = self.model.eval_batch([s.seq.next_token for s in slots], [s.state for s in slots])
+        for s, row in zip(slots, logits, strict=True):
+            s.seq.feed(row)
