@@ -9,7 +9,8 @@ References, never the batched path itself:
 * the single-sequence forward (``Model.eval`` on a cache of its own, tested against HF and the float64
   oracle elsewhere): the same tokens at the same positions give the same logits to float32 accumulation
   order (cosine >= 1 - 1e-6, same argmax), for prompts of different lengths, gemma3's 8-position sliding
-  window crossed, and qwen3moe's experts.
+  window crossed, qwen3moe's experts, B = 2 (row by row), 4 and 6 (4-token tiles) and BLAS_MIN_T + 1 (the
+  products through BLAS).
 * greedy decoding of each prompt alone (plain argmax over ``Model.eval`` logits): 4 concurrent scheduler
   jobs of different prompt lengths and lengths produce exactly those tokens, also when only 2 slots serve
   them, so that jobs retire and waiting ones are admitted between steps.
@@ -122,6 +123,14 @@ def test_tiny_arch_batch_equals_single(name, monkeypatch):
     model = load(ARCH / f"{name}.gguf", backend="cpu", n_ctx=N_CTX, warmup=False)
     # 6 sequences: one 4-row tile and 2 rows; lengths on both sides of gemma3's 8-position window
     batch_vs_single(model, [2, 7, 8, 12, 20, 1], 4, monkeypatch)
+
+
+def test_batch_of_blas_size_equals_single(monkeypatch):
+    """B >= BLAS_MIN_T sequences: the products go through BLAS sgemm, attention stays per token."""
+    from apr_numba.kernels.matmul import BLAS_MIN_T
+
+    model = load(ARCH / "gemma3.gguf", backend="cpu", n_ctx=N_CTX, warmup=False)
+    batch_vs_single(model, [1 + (3 * i) % 13 for i in range(BLAS_MIN_T + 1)], 2, monkeypatch)
 
 
 def test_eval_batch_errors(smollm):
