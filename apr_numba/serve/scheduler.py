@@ -12,8 +12,8 @@ The slots' KV states are rows of one stacked cache (:meth:`~apr_numba.model.Mode
 (:meth:`~apr_numba.model.Model.eval_batch`: the weights are read once for the B tokens, attention per slot at
 its own position). Prefill stays per job (one forward of the prompt). Measured with
 ``bench/serve_batching.py`` (AMD EPYC, 2 cores shared with other work): aggregate decode of 4 sequences
-1.6-1.8x one sequence for smollm2-135m, 2.0-2.1x for qwen2.5-coder-0.5b (it was 1.01x with one forward per
-slot); the 4-token product tiles are compute-bound at ~1.7-2.2x the per-token rate of the mat-vec
+1.56-1.74x one sequence for smollm2-135m (medians), 1.83-1.99x for qwen2.5-coder-0.5b (it was 1.01x with
+one forward per slot); the 4-token product tiles are compute-bound at ~1.7-2.2x the per-token rate of the mat-vec
 (docs/performance.md, "Batched decode").
 
 Prompt-prefix reuse: a slot keeps the tokens of its last sequence; a new job goes to the free slot whose
