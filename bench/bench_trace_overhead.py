@@ -104,9 +104,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         for _ in range(a.n_gen):
             if variant == "stripped":
-                fwd_stripped(tok, np.int64(state.n_past), m._cfg, m._fp, w.kernel_args(),
-                             (m.rope_cos, m.rope_sin, m.rope_layer, m.layer_window), state.k, state.v, logits,
-                             m.no_capture, m.no_debug)
+                fwd_stripped(tok, np.array([state.n_past], np.int64), np.zeros(1, np.int64), m._cfg, m._fp,
+                             w.kernel_args(), (m.rope_cos, m.rope_sin, m.rope_layer, m.layer_window), state.k[None],
+                             state.v[None], logits, m.no_capture, m.no_debug)
             elif variant == "untraced":
                 m.forward_into(tok, logits, m.no_capture, state)
             else:

@@ -1,4 +1,5 @@
-"""Causal GQA attention: the per-(token, head) kernel and the BLAS prefill path against a NumPy oracle."""
+"""Causal GQA attention: the per-(token, head) kernel and the BLAS prefill path against a NumPy oracle, and the
+per-token kernel on a batched decode step (tokens of several sequences at their own positions)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ def naive(qkv, K, V, pos0, scale=True, causal=True, gqa_shift=0, window=0):
     return out
 
 
+def per_token(out, qkv, kc, vc, layer, pos0, *rest):
+    """The per-token kernel called as a prefill of one sequence (T tokens at pos0..pos0+T-1)."""
+    T = qkv.shape[0]
+    attention(out, qkv, kc[None], vc[None], layer, np.zeros(T, np.int64), pos0 + np.arange(T, dtype=np.int64),
+              np.full(T, pos0 + T, np.int64), *rest)
+
+
 def _inputs(seed: int, T: int, pos0: int, n_ctx: int):
     """Random qkv (T, q + 2 kv) and a one-layer KV cache filled at positions 0..pos0+T-1."""
     rng = np.random.default_rng(seed)
@@ -45,7 +53,7 @@ def _inputs(seed: int, T: int, pos0: int, n_ctx: int):
 
 @pytest.mark.parametrize("pos0", [0, 5])
 @pytest.mark.parametrize("fault", [None, "attn-scale", "causal-mask-off", "gqa-map"])
-@pytest.mark.parametrize("kernel", [attention, attention_blas], ids=["per-head", "blas"])
+@pytest.mark.parametrize("kernel", [per_token, attention_blas], ids=["per-head", "blas"])
 def test_attention_matches_oracle(kernel, fault, pos0):
     T = 20
     qkv, kc, vc = _inputs(pos0, T, pos0, 64)
@@ -68,7 +76,7 @@ def test_attention_matches_oracle(kernel, fault, pos0):
 
 
 @pytest.mark.parametrize("pos0, window", [(0, 4), (5, 4), (5, 1), (0, 64)])
-@pytest.mark.parametrize("kernel", [attention, attention_blas], ids=["per-head", "blas"])
+@pytest.mark.parametrize("kernel", [per_token, attention_blas], ids=["per-head", "blas"])
 def test_sliding_window_attention_matches_oracle(kernel, pos0, window):
     T = 12
     qkv, kc, vc = _inputs(7 + pos0, T, pos0, 32)
@@ -86,3 +94,25 @@ def test_sliding_window_attention_matches_oracle(kernel, pos0, window):
         full = qkv[:, h * HD:(h + 1) * HD] @ kc[0, :pos0 + T, kvh * HD:(kvh + 1) * HD].T / np.sqrt(HD)
         np.testing.assert_allclose(sc[h], np.where(p.reshape(T, -1) <= pos0 + t.reshape(T, -1), full, 0),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_batched_decode_step_matches_oracle(window):
+    """One query per sequence, each at its own position in its own cache (a batched decode step); a second
+    token of sequence 1 in the same call sees the first (causal within the call)."""
+    rng = np.random.default_rng(11 + window)
+    n_seq, n_ctx = 3, 32
+    seq = np.array([0, 1, 2, 1], np.int64)
+    pos = np.array([4, 9, 0, 10], np.int64)
+    T = seq.size
+    kc = rng.standard_normal((n_seq, 1, n_ctx, N_KV * HD)).astype(np.float32)
+    vc = rng.standard_normal((n_seq, 1, n_ctx, N_KV * HD)).astype(np.float32)
+    qkv = rng.standard_normal((T, (N_HEAD + 2 * N_KV) * HD)).astype(np.float32)
+    kv_end = np.array([5, 11, 1, 11], np.int64)
+    out = np.empty((T, N_HEAD * HD), np.float32)
+    no = np.zeros((0, 0, 0), np.float32)
+    attention(out, qkv, kc, vc, 0, seq, pos, kv_end, N_HEAD, N_HEAD // N_KV, HD, window, np.zeros(N_FAULTS, np.int64),
+              no, no)
+    for t in range(T):  # the oracle of one query at pos[t] against sequence seq[t]'s cache
+        ref = naive(qkv[t:t + 1], kc[seq[t], 0], vc[seq[t], 0], int(pos[t]), window=window)
+        np.testing.assert_allclose(out[t], ref[0], rtol=1e-4, atol=1e-5)

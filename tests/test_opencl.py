@@ -139,7 +139,7 @@ def test_rope(prg, rope_type):
     cos, sin = rope_tables(32, hd, 10000.0)
     x = rng.standard_normal((T_, width)).astype(np.float32)
     ref = x.copy()
-    rope_inplace(ref, col0, n_heads, hd, pos0, cos, sin, rope_type)
+    rope_inplace(ref, col0, n_heads, hd, pos0 + np.arange(T_, dtype=np.int64), cos, sin, rope_type)
     xb = buf(prg, x)
     prg.rope(prg.queue, (n_heads * hd // 2, T_), None, xb, width, col0, hd, pos0, buf(prg, cos), buf(prg, sin),
              rope_type)

@@ -166,10 +166,18 @@ def _moe_ffn(out, h, router, experts, layer, cfg, trace_off, trace_buf):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True)
-def forward(tokens, pos0, cfg, fp, w, rope, k_cache, v_cache, logits, layer_out, dbg):
-    """Run the decoder on ``tokens`` (T,) int64 at positions pos0..pos0+T-1, filling the KV cache.
+def forward(tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits, layer_out, dbg):
+    """Run the decoder on ``tokens`` (T,) int64, token t at position ``pos[t]`` of sequence ``seq[t]``.
+
+    One call is llama.cpp's ubatch: a prefill (T consecutive positions of one sequence) or a batched decode
+    step (one token of each of T sequences, llama-server's parallel slots), or any mix. The matrix products
+    take the T tokens as one (T, n) block, so the weights are read once per call; RoPE, the KV store and
+    attention are per token, at its position, in its sequence's cache. A token sees the keys of its own
+    sequence at positions <= its own, those of the same call included (causal).
 
     Args:
+        pos, seq: int64 (T,) each token's position and sequence (index into the first axis of the caches).
+            Each (seq, pos) pair at most once; a sequence's positions before its tokens' must be cached.
         cfg: int64 tuple (:func:`cfg_tuple`): n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff, n_vocab,
             rope_type, has_bias, qk_norm, post_attn_norm, post_ffn_norm, activation.
         fp: float tuple (:func:`fp_tuple`): RMSNorm eps, embedding scale, final logit soft-cap (0 = off).
@@ -181,15 +189,20 @@ def forward(tokens, pos0, cfg, fp, w, rope, k_cache, v_cache, logits, layer_out,
         rope: (cos, sin, layer_table, layer_window): float32 (n_tables, n_ctx, head_dim/2) RoPE tables, int64
             (n_layer,) the table of each layer (gemma3's local layers have their own base), and int64 (n_layer,)
             each layer's sliding attention window (0 = full).
-        k_cache, v_cache: float32 (n_layer, n_ctx, kv_dim), written at pos0..pos0+T-1.
-        logits: float32 (n_out, n_vocab): filled with the logits of the last n_out positions (n_out may be 0).
+        k_cache, v_cache: float32 (n_seq, n_layer, n_ctx, kv_dim), one cache per sequence (a single sequence
+            passes ``k[None]``), written at [seq[t], :, pos[t]].
+        logits: float32 (n_out, n_vocab): filled with the logits of the last n_out tokens (n_out may be 0;
+            n_out = T for a batched decode step).
         layer_out: float32 (n_layer, T, n_embd) to capture each block's output (post_ffn_residual), or
             a (0, 0, 0) array to skip the capture.
         dbg: tracing and teaching faults (apr_numba.arch.stages, apr_numba.arch.faults), a tuple
             (trace_off int64 (N_STAGES, n_layer), trace_buf float32 (n,), layer_fault int64 (n_layer, N_FAULTS),
             rope_cos_alt, rope_sin_alt (RoPE tables with the wrong base, for F_ROPE_THETA), eps_alt float).
             A stage is written to trace_buf[trace_off[stage, layer]:] as (T, width) row-major when its offset
-            is >= 0 (attn_scores / attn_softmax as (n_head, T, pos0+T)); whole-model stages use layer 0.
+            is >= 0 (attn_scores / attn_softmax as (n_head, T, max(pos)+1)); whole-model stages use layer 0.
+
+    A prefill of T >= BLAS_MIN_T consecutive positions of one sequence runs attention through BLAS
+    (:func:`~apr_numba.kernels.attention.attention_blas`); anything else through the per-token kernel.
     """
     (mats, embd_raw, embd_type, attn_norm, ffn_norm, bias_qkv, output_norm, q_norm, k_norm, pa_norm, pf_norm,
      experts) = w
@@ -206,7 +219,24 @@ def forward(tokens, pos0, cfg, fp, w, rope, k_cache, v_cache, logits, layer_out,
     q_dim = n_head * hd
     kv_dim = n_kv * hd
     n_rep = n_head // n_kv
-    nk = pos0 + T  # keys visible to the last query
+    # kv_end[t]: positions of sequence seq[t] cached after this call; nk: the widest (the trace's key axis)
+    contiguous = True  # one sequence at consecutive positions (a prefill): the BLAS attention path applies
+    for t in range(T):
+        if seq[t] != seq[0] or pos[t] != pos[0] + t:
+            contiguous = False
+    kv_end = np.full(T, pos[0] + T, np.int64)
+    if not contiguous:  # a batch of a few sequences: O(T^2) is nothing
+        for t in range(T):
+            e = pos[t] + 1
+            for u in range(T):
+                if seq[u] == seq[t] and pos[u] + 1 > e:
+                    e = pos[u] + 1
+            kv_end[t] = e
+    nk = kv_end.max()
+    pos0 = pos[0]
+    blas_attn = contiguous and T >= BLAS_MIN_T
+    kc0 = k_cache[seq[0]]  # the sequence of a contiguous call
+    vc0 = v_cache[seq[0]]
 
     x = np.empty((T, D), np.float32)  # residual stream
     h = np.empty((T, D), np.float32)  # normed input of a sub-layer
@@ -245,11 +275,11 @@ def forward(tokens, pos0, cfg, fp, w, rope, k_cache, v_cache, logits, layer_out,
             rc, rs = rope_cos_alt, rope_sin_alt
         else:
             rc, rs = rope_cos_all[rope_layer[layer]], rope_sin_all[rope_layer[layer]]
-        rope_inplace(qkv, 0, n_head, hd, pos0, rc, rs, rtype)
-        rope_inplace(qkv, q_dim, n_kv, hd, pos0, rc, rs, rtype)
+        rope_inplace(qkv, 0, n_head, hd, pos, rc, rs, rtype)
+        rope_inplace(qkv, q_dim, n_kv, hd, pos, rc, rs, rtype)
         _cap(trace_off, trace_buf, np.int64(S_Q_POST_ROPE), layer, qkv[:, :q_dim])
         _cap(trace_off, trace_buf, np.int64(S_K_POST_ROPE), layer, qkv[:, q_dim:q_dim + kv_dim])
-        store_kv(k_cache, v_cache, layer, pos0, qkv, q_dim, kv_dim)
+        store_kv(k_cache, v_cache, layer, seq, pos, qkv, q_dim, kv_dim)
         so = trace_off[S_ATTN_SCORES, layer]
         po = trace_off[S_ATTN_SOFTMAX, layer]
         if so >= 0 and po >= 0:
@@ -258,14 +288,14 @@ def forward(tokens, pos0, cfg, fp, w, rope, k_cache, v_cache, logits, layer_out,
             pc = trace_buf[po:po + n3].reshape((n_head, T, nk))
             sc[:] = 0.0
             pc[:] = 0.0
-            if T >= BLAS_MIN_T:
-                attention_blas(att, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, hd, win, fl, sc, pc)
+            if blas_attn:
+                attention_blas(att, qkv, kc0, vc0, layer, pos0, n_head, n_rep, hd, win, fl, sc, pc)
             else:
-                attention(att, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, hd, win, fl, sc, pc)
-        elif T >= BLAS_MIN_T:
-            attention_blas(att, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, hd, win, fl, no_cap, no_cap)
+                attention(att, qkv, k_cache, v_cache, layer, seq, pos, kv_end, n_head, n_rep, hd, win, fl, sc, pc)
+        elif blas_attn:
+            attention_blas(att, qkv, kc0, vc0, layer, pos0, n_head, n_rep, hd, win, fl, no_cap, no_cap)
         else:
-            attention(att, qkv, k_cache, v_cache, layer, pos0, n_head, n_rep, hd, win, fl, no_cap, no_cap)
+            attention(att, qkv, k_cache, v_cache, layer, seq, pos, kv_end, n_head, n_rep, hd, win, fl, no_cap, no_cap)
         _cap(trace_off, trace_buf, np.int64(S_ATTENTION), layer, att)
         _out_residual(x, o, att, mats[m0 + 3], cfg[POST_ATTN_NORM], pa_norm[layer], leps, trace_off, trace_buf,
                       np.int64(S_ATTN_OUT), np.int64(S_POST_ATTN_RESIDUAL), layer)

@@ -36,19 +36,21 @@ def signatures() -> dict[str, list[tuple]]:
 
     from apr_numba.kernels import attention, embed, matmul, norm, rope
 
-    f32 = [None] + [nt.Array(nt.float32, n, "C") for n in (1, 2, 3)]
+    f32 = [None] + [nt.Array(nt.float32, n, "C") for n in (1, 2, 3, 4)]
     i64 = nt.int64
     packed = nt.Tuple((i64, i64, nt.Array(nt.uint8, 4, "C"), f32[3], f32[3]))
-    att = (f32[2], f32[2], f32[3], f32[3], i64, i64, i64, i64, i64, i64, nt.Array(nt.int64, 1, "C"), f32[3], f32[3])
+    i64a = nt.Array(nt.int64, 1, "C")  # per-token positions / sequences, a layer's fault flags
+    att = (f32[2], f32[2], f32[4], f32[4], i64, i64a, i64a, i64a, i64, i64, i64, i64, i64a, f32[3], f32[3])
+    att_blas = (f32[2], f32[2], f32[3], f32[3], i64, i64, i64, i64, i64, i64, i64a, f32[3], f32[3])
     return {
         "matmul_auto": [(matmul.matmul_auto, (f32[2], f32[2], packed, packed, packed, i64))],
         "embed_tokens": [(embed.embed_tokens, (f32[2], nt.Array(nt.uint8, 2, "C", readonly=True),
                                                nt.Array(nt.int64, 1, "C"), i64))],
         "attention": [(attention.attention, att)],
-        "attention_blas": [(attention.attention_blas, att)],
-        "store_kv": [(attention.store_kv, (f32[3], f32[3], i64, i64, f32[2], i64, i64))],
-        "rope_inplace": [(rope.rope_inplace, (f32[2], nt.IntegerLiteral(0), i64, i64, i64, f32[2], f32[2], i64)),
-                         (rope.rope_inplace, (f32[2], i64, i64, i64, i64, f32[2], f32[2], i64))],
+        "attention_blas": [(attention.attention_blas, att_blas)],
+        "store_kv": [(attention.store_kv, (f32[4], f32[4], i64, i64a, i64a, f32[2], i64, i64))],
+        "rope_inplace": [(rope.rope_inplace, (f32[2], nt.IntegerLiteral(0), i64, i64, i64a, f32[2], f32[2], i64)),
+                         (rope.rope_inplace, (f32[2], i64, i64, i64, i64a, f32[2], f32[2], i64))],
         "rmsnorm": [(norm.rmsnorm, (f32[2], f32[2], f32[1], nt.float64))],
         "rmsnorm_heads": [(norm.rmsnorm_heads, (f32[2], nt.IntegerLiteral(0), i64, i64, f32[1], nt.float64)),
                           (norm.rmsnorm_heads, (f32[2], i64, i64, i64, f32[1], nt.float64))],

@@ -54,12 +54,16 @@ def spec_rope_tables(spec, n_ctx: int, freq_factors: np.ndarray | None = None
 
 
 @njit(fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)
-def rope_inplace(x, col0, n_heads, head_dim, pos0, cos, sin, rope_type):
-    """Rotate heads of x (T, *) in place: columns [col0, col0 + n_heads*head_dim), row t at pos0 + t."""
+def rope_inplace(x, col0, n_heads, head_dim, pos, cos, sin, rope_type):
+    """Rotate heads of x (T, *) in place: columns [col0, col0 + n_heads*head_dim), row t at position pos[t].
+
+    pos: int64 (T,) (consecutive for a prefill, each sequence's own in a batched decode step); cos, sin:
+    float32 (n_ctx, head_dim/2) tables of :func:`rope_tables`; rope_type: 0 NORM, 2 NEOX.
+    """
     T = x.shape[0]
     half = head_dim // 2
     for t in range(T):
-        p = pos0 + t
+        p = pos[t]
         for h in range(n_heads):
             o = col0 + h * head_dim
             for i in range(half):

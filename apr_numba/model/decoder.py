@@ -34,12 +34,18 @@ class KVState:
     (:meth:`Model.new_state`) so they never touch the user's cache. ``tokens``: the ids
     :meth:`Model.eval` appended, so that a later prompt sharing a prefix with them reuses its K/V
     (:func:`cached_tokens`); positions past ``n_past`` are stale and get overwritten.
+
+    ``stack``, ``index``: for states made together by :meth:`Model.new_states`, the (K, V) float32
+    (n_seq, n_layer, n_ctx, kv_dim) arrays whose row ``index`` are this state's k and v (llama.cpp's one KV
+    cache with a ``seq_id`` per cell), so that :meth:`Model.eval_batch` runs them in one forward.
     """
 
     k: np.ndarray
     v: np.ndarray
     n_past: int = 0
     tokens: list[int] | None = field(default_factory=list)
+    stack: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    index: int = 0
 
     @property
     def n_ctx(self) -> int:
@@ -167,6 +173,26 @@ class Model:
             return self._opencl.new_state(n)
         return KVState(np.zeros((c.n_layer, n, c.kv_dim), np.float32), np.zeros((c.n_layer, n, c.kv_dim), np.float32))
 
+    def new_states(self, n_seq: int, n_ctx: int | None = None, cpu: bool = False) -> list[KVState]:
+        """``n_seq`` fresh KV caches of n_ctx positions each that :meth:`eval_batch` decodes together.
+
+        On the CPU they are rows of one stacked pair of float32 (n_seq, n_layer, n_ctx, kv_dim) arrays
+        (``KVState.stack`` / ``index``); each state also works alone with :meth:`eval`. On the OpenCL
+        backend (unless ``cpu``) they are independent device states, which :meth:`eval_batch` runs one
+        after another.
+
+        Raises:
+            ArgumentError: n_seq < 1, or n_ctx outside [1, the model's n_ctx].
+        """
+        if int(n_seq) < 1:
+            raise ArgumentError(f"n_seq must be >= 1, got {n_seq}")
+        if self._opencl is not None and not cpu:
+            return [self.new_state(n_ctx) for _ in range(int(n_seq))]
+        one = self.new_state(n_ctx, cpu=True)  # checks n_ctx
+        shape = (int(n_seq),) + one.k.shape
+        stack = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))  # pages mapped lazily
+        return [KVState(stack[0][i], stack[1][i], stack=stack, index=i) for i in range(int(n_seq))]
+
     @property
     def n_past(self) -> int:
         """Positions held in the model's own KV cache."""
@@ -237,6 +263,54 @@ class Model:
         state.n_past += toks.size
         return (logits, cap) if capture_layers else logits
 
+    def eval_batch(self, ids, states) -> np.ndarray:
+        """One decode step of B sequences together: token ``ids[b]`` is appended to ``states[b]``.
+
+        The batched forward (llama.cpp's ubatch of B tokens with their own ``pos`` and ``seq_id``;
+        llama-server's parallel slots): the B tokens go through every matrix product as one (B, n) block, so
+        the weights are read once for all of them, while RoPE, the KV store and attention use each token's
+        own position and cache. Logits equal B separate :meth:`eval` calls up to float32 rounding of the
+        products' accumulation order. Each state's ``n_past`` advances by 1 and its token record grows.
+
+        Batched when every state is a CPU :class:`KVState` of one :meth:`new_states` stack; other states
+        (OpenCL device states, CPU states made one by one) are evaluated one after another.
+
+        Args:
+            ids: B token ids, int (B,).
+            states: B distinct KV states (list or tuple), one per token.
+
+        Returns:
+            logits float32 (B, n_vocab): row b the next-token logits of sequence b.
+
+        Raises:
+            ArgumentError: len(ids) != len(states), no states, a state given twice, an id outside
+                [0, n_vocab), or a state whose context is full.
+        """
+        toks = np.asarray(ids, dtype=np.int64).reshape(-1)
+        states = list(states)
+        B = len(states)
+        if B == 0 or toks.size != B:
+            raise ArgumentError(f"eval_batch takes one token per state: {toks.size} ids for {B} states")
+        if len({id(s) for s in states}) != B:
+            raise ArgumentError("eval_batch: the same state appears twice (one token per sequence and step)")
+        for t, st in zip(toks, states, strict=True):
+            self.check_tokens(t[None], st)
+        stack = states[0].stack if isinstance(states[0], KVState) else None
+        if stack is None or any(not isinstance(s, KVState) or s.stack is not stack for s in states):
+            return np.concatenate([self.eval(t[None], n_logits=1, state=st)
+                                   for t, st in zip(toks, states, strict=True)])
+        from apr_numba.backends.cpu_forward import forward
+
+        pos = np.array([s.n_past for s in states], np.int64)
+        seq = np.array([s.index for s in states], np.int64)
+        logits = np.empty((B, self.config.n_vocab), np.float32)
+        forward(toks, pos, seq, self._cfg, self._fp, self.weights.kernel_args(), self._rope_args(), stack[0],
+                stack[1], logits, self.no_capture, self.no_debug)
+        for t, st in zip(toks, states, strict=True):
+            _record_tokens(st, t[None])
+            st.n_past += 1
+        return logits
+
     def debug_args(self, trace_off: np.ndarray | None = None, trace_buf: np.ndarray | None = None,
                    layer_fault: np.ndarray | None = None, rope_theta_alt: float | None = None,
                    eps_alt: float | None = None) -> tuple:
@@ -303,9 +377,14 @@ class Model:
             return
         from apr_numba.backends.cpu_forward import forward
 
-        forward(toks, np.int64(state.n_past), self._cfg, self._fp, self.weights.kernel_args(mats),
-                (self.rope_cos, self.rope_sin, self.rope_layer, self.layer_window), state.k, state.v, logits, cap,
-                self.no_debug if dbg is None else dbg)
+        T = toks.shape[0]  # one sequence (index 0 of a one-row stack) at positions n_past..n_past+T-1
+        forward(toks, np.arange(state.n_past, state.n_past + T, dtype=np.int64), np.zeros(T, np.int64), self._cfg,
+                self._fp, self.weights.kernel_args(mats), self._rope_args(), state.k[None], state.v[None], logits,
+                cap, self.no_debug if dbg is None else dbg)
+
+    def _rope_args(self) -> tuple:
+        """The forward's ``rope`` tuple: cos, sin tables, each layer's table and sliding window."""
+        return self.rope_cos, self.rope_sin, self.rope_layer, self.layer_window
 
     def logits(self, ids) -> np.ndarray:
         """Logits float32 (len(ids), n_vocab) for every position, from a fresh cache.
