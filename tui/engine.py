@@ -12,8 +12,9 @@ waiting. The shadow worker runs that queue only in idle time (no generation, gat
 lowest CPU priority, so generation runs at the engine's own speed; the shadow catches up after each reply.
 
 A run keeps the KV cache positions it shares with the previous run (generate_events' ``reuse``, the API's
-own prefix reuse; :mod:`tui.chat`): a chat turn prefills only its new tokens. Model jobs (generation, gates, bisect) run one at a time (:class:`Jobs`), so they never share
-the model's KV cache or time each other; the gates measure only when the shadow has caught up.
+own prefix reuse; :mod:`tui.chat`): a chat turn prefills only its new tokens. Model jobs (generation, gates,
+bisect) run one at a time (:class:`Jobs`), so they never share the model's KV cache or time each other; the
+gates measure only when the shadow has caught up.
 """
 
 from __future__ import annotations
