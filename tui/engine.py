@@ -155,7 +155,7 @@ class Engine:
         self.gates: dict[str, GateRow] = {}
         self.l1: L1Reading | None = None
         self.bisects: list[dict] = []
-        self._gate_ctx = None
+        self._gate_proc = None  # the gate child while a gate run is on (tui.gate_process)
 
     # -- load ----------------------------------------------------------------------------------
     def load(self, emit: Emit) -> Loaded:
@@ -207,7 +207,10 @@ class Engine:
                                 f"no per-layer parity is computed"
 
     def close(self) -> None:
-        """Nothing to release (kept for the app's unmount; FakeEngine has the same)."""
+        """End the gate child if a gate run is on (the app's unmount; FakeEngine has the same)."""
+        proc = self._gate_proc
+        if proc is not None:
+            proc.close()
 
     # -- generation ----------------------------------------------------------------------------
     def _captured(self, gen: _Gen, ids, cap: np.ndarray) -> None:
@@ -406,28 +409,38 @@ class Engine:
     def run_gates(self, emit: Emit, cancelled: Cancelled) -> list[GateRow]:
         """Measure the fast gates (registry order, short measurements), emitting a GateRow as each arrives.
 
-        The gates measure on their own context (their own CPU load of the same file, kept for the next run),
-        never on the dashboard's KV cache; :class:`Jobs` runs one gate per turn and never beside a generation.
+        The gates measure in a child process (:mod:`tui.gate_process`: their own load of the same file, ended
+        after the run so their memory goes back to the OS), never on the dashboard's KV cache; :class:`Jobs`
+        runs one gate per turn and never beside a generation.
         """
+        from tui.gate_process import GateProcess, GateProcessError
+
         gates = self.gates_module()
         if gates is None:
             emit(Status(f"gates: {self.gates_note()}", "gates"))
             return []
         rows: list[GateRow] = []
-        if self._gate_ctx is None:
-            from apr_numba.gates.context import GateContext
-
-            self._gate_ctx = GateContext(self.model.path, threads=self.threads)
         specs = gates.select(None)
-        for i, spec in enumerate(specs):
-            if cancelled() or not self.trail.wait_idle(cancelled):  # gates measure in idle time only
-                break
-            with self.jobs.job(f"gate {spec.id}", False), self.trail.foreground():
-                emit(Status(f"gates: measuring {spec.id} ({i + 1}/{len(specs)}) ...", "gates"))
-                row = gate_row(gates.run_gate(spec, self._gate_ctx))
-            rows.append(row)
-            self.gates[row.id] = row
-            emit(row)
+        proc = None
+        try:
+            for i, spec in enumerate(specs):
+                if cancelled() or not self.trail.wait_idle(cancelled):  # gates measure in idle time only
+                    break
+                with self.jobs.job(f"gate {spec.id}", False), self.trail.foreground():
+                    emit(Status(f"gates: measuring {spec.id} ({i + 1}/{len(specs)}) ...", "gates"))
+                    if proc is None:
+                        proc = self._gate_proc = GateProcess(self.model.path, threads=self.threads)
+                    row = gate_row(proc.measure(spec.id))
+                rows.append(row)
+                self.gates[row.id] = row
+                emit(row)
+        except GateProcessError as exc:
+            if not cancelled():
+                emit(Failed("gates", str(exc), f"{len(rows)} of {len(specs)} gates measured"))
+        finally:
+            if proc is not None:
+                proc.close()
+                self._gate_proc = None
         emit(Status(gates_summary(list(self.gates.values())), "gates"))
         return rows
 
