@@ -37,6 +37,7 @@ from tui.widgets import (
     display_name,
 )
 
+GEN_REFRESH_HZ = 4.0  # redraws per second while generating (Dashboard.gen_refresh_hz)
 EXAMPLE_PROMPT = "e.g. Explain what a KV cache is, in one sentence."  # the empty prompt box's placeholder
 
 
@@ -58,7 +59,9 @@ class Dashboard(App):
         max_tokens: most tokens per generation. prompt: initial prompt text ("" = empty box with a
         placeholder). chat: start in chat mode. gates_at_start: measure the fast gates once the model is loaded,
         in idle time (they wait for generations and for the shadow to catch up). save_dir: where Save writes.
-        refresh_hz: most redraws per second of the streaming panels. theme: a Textual theme name.
+        refresh_hz: most redraws per second of the streaming panels; gen_refresh_hz: the same while a
+        generation runs (each redraw's Python on the UI thread takes a core's time slice from the engine's
+        parallel kernels, which then wait at their barriers). theme: a Textual theme name.
 
     Keys: the prompt box has the focus and takes every printable key; Enter sends, Escape leaves it (or stops
     a generation), after which single letters are commands; ctrl+ shortcuts work everywhere.
@@ -94,13 +97,14 @@ class Dashboard(App):
 
     def __init__(self, engine, max_tokens: int = 256, prompt: str = "", chat: bool = False,
                  gates_at_start: bool = True, save_dir: str | os.PathLike = ".", refresh_hz: float = 20.0,
-                 theme: str | None = None):
+                 theme: str | None = None, gen_refresh_hz: float = GEN_REFRESH_HZ):
         super().__init__()
         if theme:
             self.theme = theme
         self.engine = engine
         self.max_tokens, self.initial_prompt, self.gates_at_start = max_tokens, prompt, gates_at_start
-        self.save_dir, self.refresh_hz = Path(save_dir), refresh_hz
+        self.save_dir, self.refresh_hz, self.gen_refresh_hz = Path(save_dir), refresh_hz, gen_refresh_hz
+        self._last_flush = 0.0
         self.set_reactive(Dashboard.chat, chat)
         self.loaded = None  # the Loaded event
         self.last_save: Path | None = None
@@ -112,7 +116,6 @@ class Dashboard(App):
         self.shadow_progress = None  # the latest ShadowProgress
         self._reset_view("")
         self._dirty: set[str] = set()
-        self._tick = 0
 
     # -- layout ----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -172,11 +175,12 @@ class Dashboard(App):
         self._dirty.update(panels)
 
     def flush(self) -> None:
-        """Redraw the panels whose data changed since the last flush (every other tick while generating: the
-        redraw's Python holds the GIL that the generation thread needs between kernels)."""
-        self._tick += 1
-        if self.generating and self._tick % 2:
+        """Redraw the panels whose data changed since the last flush (at most ``gen_refresh_hz`` times a second
+        while generating: every redraw costs the engine about twice its own CPU time, see the class docstring)."""
+        now = time.monotonic()
+        if self.generating and now - self._last_flush < 1 / self.gen_refresh_hz:
             return
+        self._last_flush = now
         dirty, self._dirty = self._dirty, set()
         if "output" in dirty:
             note = ""
