@@ -52,11 +52,12 @@ def cli_round(model: str, prompt: str, n: int, threads: int | None, n_ctx: int |
     return {"decode": float(rep["decode_tok_s"]), "tokens": len(rep["token_ids"]), "rss_mb": r["maxrss_kb"] / 1024}
 
 
-def tui_round(model: str, prompt: str, n: int, threads: int | None, n_ctx: int | None) -> dict:
+def tui_round(model: str, prompt: str, n: int, threads: int | None, n_ctx: int | None, gates: bool = True) -> dict:
     """decode tok/s shown, the shadow's tok/s and peak RSS (MB) of one dashboard process (``--child``)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", model, "--prompt", prompt, "-n", str(n)]
     cmd += ["-t", str(threads)] if threads else []
     cmd += ["--n-ctx", str(n_ctx)] if n_ctx else []
+    cmd += [] if gates else ["--no-gates"]
     r = run_once(cmd, _env())
     if r["rc"] != 0:
         raise SystemExit(f"dashboard child failed: {r['stderr'][-1500:]}")
@@ -64,11 +65,11 @@ def tui_round(model: str, prompt: str, n: int, threads: int | None, n_ctx: int |
     return out | {"rss_mb": r["maxrss_kb"] / 1024}
 
 
-async def tui_decode(engine, prompt: str, n: int) -> dict:
+async def tui_decode(engine, prompt: str, n: int, gates: bool = True) -> dict:
     """One generation typed into the headless dashboard: the decode tok/s it shows, the shadow's tok/s."""
     from tui.app import Dashboard
 
-    app = Dashboard(engine, max_tokens=n, gates_at_start=True)
+    app = Dashboard(engine, max_tokens=n, gates_at_start=gates)
     async with app.run_test(size=(120, 40)) as pilot:
         while app.loaded is None:
             await asyncio.sleep(0.05)
@@ -77,20 +78,22 @@ async def tui_decode(engine, prompt: str, n: int) -> dict:
             await asyncio.sleep(0.01)
         while app.generating:
             await asyncio.sleep(0.05)
-        shown, tokens = app.decode, app.n_generated
+        shown, tokens, text = app.decode, app.n_generated, "".join(app.output)
         sp = app.shadow_progress
         while sp is None or sp.behind:  # let the shadow catch up so that its rate is measured too
             await asyncio.sleep(0.2)
             sp = app.shadow_progress
         await pilot.press("ctrl+q")
-    return {"decode": shown, "tokens": tokens, "shadow_tok_s": sp.tok_s, "shadow": engine.shadow_kind}
+    return {"decode": shown, "tokens": tokens, "text": text, "shadow_tok_s": sp.tok_s, "shadow": engine.shadow_kind,
+            "shadow_positions": sp.position,
+            "cosines_min": min((min(c) for c in app.cos_history.values()), default=None)}
 
 
 def child(a) -> int:
     from tui.engine import Engine
 
     engine = Engine(a.model, backend="cpu", threads=a.threads, n_ctx=a.n_ctx)  # shadow auto: the reference
-    print(json.dumps(asyncio.run(tui_decode(engine, a.prompt, a.max_tokens))))
+    print(json.dumps(asyncio.run(tui_decode(engine, a.prompt, a.max_tokens, not a.no_gates))))
     return 0
 
 
@@ -102,6 +105,8 @@ def main() -> int:
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--n-ctx", type=int, default=None, help="both sides (default: each one's own, min(4096, trained))")
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--no-gates", action="store_true", help="the dashboard measures no gates (e.g. for a 7B: the "
+                   "gate process would load a second copy)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -110,7 +115,7 @@ def main() -> int:
     cli, tui = [], []
     for r in range(a.rounds):
         cli.append(cli_round(a.model, a.prompt, a.max_tokens, a.threads, a.n_ctx))
-        tui.append(tui_round(a.model, a.prompt, a.max_tokens, a.threads, a.n_ctx))
+        tui.append(tui_round(a.model, a.prompt, a.max_tokens, a.threads, a.n_ctx, not a.no_gates))
         c, t = cli[-1], tui[-1]
         print(f"round {r + 1}: apr-numba run {c['decode']:.1f} tok/s ({c['tokens']} tokens), peak RSS "
               f"{c['rss_mb']:.0f} MB | apr-tui engine {t['decode']:.1f} tok/s ({t['tokens']} tokens), peak RSS "
