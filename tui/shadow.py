@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-REF_CACHE_BYTES = int(os.environ.get("APR_TUI_REF_CACHE_MB", "128")) * 2**20  # default float64 weight budget
+REF_CACHE_BYTES = int(os.environ.get("APR_TUI_REF_CACHE_MB", "64")) * 2**20  # default float64 weight budget
 SHADOWS = ("reference", "cpu", "opencl", "off")
 
 
