@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -42,3 +43,25 @@ def busy_processes(n: int):
         for p in procs:
             p.kill()
             p.wait()
+
+
+#: runs argv[1:] with inherited stdin / stderr (a terminal app keeps its terminal) and stdout captured unless
+#: argv[1] is "--tty"; prints {rc, wall_s, maxrss_kb (the child's peak RSS, ru_maxrss), stdout, stderr}
+WRAP = r"""
+import json, resource, subprocess, sys, time
+tty = sys.argv[1] == "--tty"
+args = sys.argv[2:] if tty else sys.argv[1:]
+t0 = time.perf_counter()
+p = subprocess.run(args, capture_output=not tty, text=True)
+wall = time.perf_counter() - t0
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": p.returncode, "wall_s": wall, "maxrss_kb": ru.ru_maxrss, "stdout": (p.stdout or "")[-4000:],
+                  "stderr": (p.stderr or "")[-2000:]}))
+"""
+
+
+def run_once(args: list[str], env: dict | None = None) -> dict:
+    """Run a command in a wrapper process; returns rc, wall_s, maxrss_kb (peak RSS of the command, KiB),
+    stdout (its last 4000 characters), stderr (its last 2000)."""
+    out = subprocess.run([sys.executable, "-c", WRAP, *args], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

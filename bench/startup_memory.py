@@ -26,26 +26,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, load_average  # noqa: E402
+from _common import cpu_model, load_average, run_once  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WRAP = r"""
-import json, resource, subprocess, sys, time
-t0 = time.perf_counter()
-p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-wall = time.perf_counter() - t0
-ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps({"rc": p.returncode, "wall_s": wall, "maxrss_kb": ru.ru_maxrss, "stdout": p.stdout[-4000:],
-                  "stderr": p.stderr[-2000:]}))
-"""
 IMPORTS = "import time; t=time.perf_counter(); import apr_numba.cli.main, apr_numba.model.decoder; " \
           "print(time.perf_counter()-t)"
-
-
-def run_once(args: list[str], env: dict) -> dict:
-    """Run a command in a wrapper process; returns rc, wall_s, maxrss_kb (of the command), stdout, stderr."""
-    out = subprocess.run([sys.executable, "-c", WRAP, *args], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def apr_run(model: str, env: dict, n_ctx: int) -> dict:

@@ -41,6 +41,52 @@ def test_reference_shadow_matches_reference_in_chunks(loaded_model):
     assert sh.n_past == 5
 
 
+@pytest.mark.slow
+def test_dashboard_chat_turn_feeds_the_apis_ids_at_the_apis_positions():
+    """A two-turn chat on qwen2.5-coder-0.5b-instruct, greedy, through the dashboard's Engine and then through
+    ``apr_numba.generate`` / ``apr_numba.run`` with the same messages on the same model: turn two evaluates the
+    same new ids at the same KV position (the common prefix), so both answer with the same tokens, and the
+    answer uses turn one (names Ada: the model's own greedy output, checked by the fact, not copied). The
+    dashboard once rewound the cache to 0 while skipping the reused ids, and turn two forgot the name."""
+    import apr_numba
+    from apr_numba.generation.generate import prompt_ids
+    from tui.engine import Engine
+
+    e = Engine("qwen2.5-coder-0.5b", backend="cpu", shadow="off", n_ctx=512)
+    e.load(lambda ev: None)
+    m = e.model
+    calls = []
+    real = m.eval
+
+    def spy(ids, n_logits=1, capture_layers=False, state=None):
+        st = m.state if state is None else state
+        calls.append((st.n_past, [int(i) for i in ids]))
+        return real(ids, n_logits, capture_layers=capture_layers, state=state)
+
+    m.eval = spy
+    q1, q2 = "My name is Ada.", "What is my name?"
+    r1 = e.generate(q1, True, 24, lambda ev: None, lambda: False)
+    n1 = len(calls)
+    r2 = e.generate(q2, True, 24, lambda ev: None, lambda: False)
+    dash = calls[n1:]
+    msgs = [{"role": "user", "content": q1}]
+    ids2 = prompt_ids(m, msgs + [{"role": "assistant", "content": r1["text"]}, {"role": "user", "content": q2}])
+    assert r2["prompt_token_ids"] == ids2
+    reused = r2["reused"]
+    assert 0 < r2["prefilled"] < reused and dash[0] == (reused, ids2[reused:])  # only the new turn, at its place
+
+    m.state.n_past, m.state.tokens = 0, []  # the API from an empty cache, on the same weights
+    calls.clear()
+    first = apr_numba.generate(m, msgs, max_tokens=24)
+    assert first == r1["text"]
+    msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": q2}]
+    n1 = len(calls)
+    res = apr_numba.run(m, msgs, max_tokens=24)
+    assert calls[n1] == dash[0] and (res.n_reused, res.n_prefilled) == (reused, r2["prefilled"])
+    assert res.token_ids == r2["token_ids"] and res.text == r2["text"]
+    assert "Ada" in r2["text"], r2["text"]
+
+
 def test_layer_cosines():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((3, 4, 8))

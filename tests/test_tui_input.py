@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tui.app import Dashboard, build_parser
-from tui.chat import Conversation, common_prefix, reusable
+from tui.chat import Conversation
 from tui.events import GateRow, Parity, ShadowProgress, gates_summary
 from tui.fake import FakeEngine
 from tui.history import cos_bar
@@ -93,14 +93,6 @@ def test_replay_history_and_save_hold_per_token_cosines(tmp_path):
             await pilot.press("escape", "ctrl+q")
 
     run(go())
-
-
-def test_common_prefix_and_reuse():
-    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
-    assert reusable([1, 2, 3], [1, 2, 3, 9], 4) == 2  # one token is always evaluated
-    assert reusable([1, 2, 3, 4, 5], [1, 2, 3], 3) == 3
-    assert reusable([1, 2, 3, 4, 5], [1, 2, 3], 2) == 2  # the cache holds only n_past positions
-    assert reusable([7, 8], [1, 2], 2) == 0
 
 
 def test_conversation_renders_through_the_template():

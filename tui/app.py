@@ -24,10 +24,10 @@ from textual.widgets import Footer, Header, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from tui import messages as M
+from tui.actions import DashboardActions
 from tui.history import HistoryPanel
 from tui.widgets import (
     GatesPanel,
-    HelpScreen,
     L1Gauge,
     LayerCells,
     ModelPanel,
@@ -37,6 +37,7 @@ from tui.widgets import (
     display_name,
 )
 
+GEN_REFRESH_HZ = 4.0  # redraws per second while generating (Dashboard.gen_refresh_hz)
 EXAMPLE_PROMPT = "e.g. Explain what a KV cache is, in one sentence."  # the empty prompt box's placeholder
 
 
@@ -50,7 +51,7 @@ class StatusLine(Static):
         return super().render()
 
 
-class Dashboard(App):
+class Dashboard(DashboardActions, App):
     """The apr-numba dashboard.
 
     Args:
@@ -58,7 +59,9 @@ class Dashboard(App):
         max_tokens: most tokens per generation. prompt: initial prompt text ("" = empty box with a
         placeholder). chat: start in chat mode. gates_at_start: measure the fast gates once the model is loaded,
         in idle time (they wait for generations and for the shadow to catch up). save_dir: where Save writes.
-        refresh_hz: most redraws per second of the streaming panels. theme: a Textual theme name.
+        refresh_hz: most redraws per second of the streaming panels; gen_refresh_hz: the same while a
+        generation runs (each redraw's Python on the UI thread takes a core's time slice from the engine's
+        parallel kernels, which then wait at their barriers). theme: a Textual theme name.
 
     Keys: the prompt box has the focus and takes every printable key; Enter sends, Escape leaves it (or stops
     a generation), after which single letters are commands; ctrl+ shortcuts work everywhere.
@@ -94,13 +97,14 @@ class Dashboard(App):
 
     def __init__(self, engine, max_tokens: int = 256, prompt: str = "", chat: bool = False,
                  gates_at_start: bool = True, save_dir: str | os.PathLike = ".", refresh_hz: float = 20.0,
-                 theme: str | None = None):
+                 theme: str | None = None, gen_refresh_hz: float = GEN_REFRESH_HZ):
         super().__init__()
         if theme:
             self.theme = theme
         self.engine = engine
         self.max_tokens, self.initial_prompt, self.gates_at_start = max_tokens, prompt, gates_at_start
-        self.save_dir, self.refresh_hz = Path(save_dir), refresh_hz
+        self.save_dir, self.refresh_hz, self.gen_refresh_hz = Path(save_dir), refresh_hz, gen_refresh_hz
+        self._last_flush = 0.0
         self.set_reactive(Dashboard.chat, chat)
         self.loaded = None  # the Loaded event
         self.last_save: Path | None = None
@@ -112,7 +116,6 @@ class Dashboard(App):
         self.shadow_progress = None  # the latest ShadowProgress
         self._reset_view("")
         self._dirty: set[str] = set()
-        self._tick = 0
 
     # -- layout ----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -172,11 +175,12 @@ class Dashboard(App):
         self._dirty.update(panels)
 
     def flush(self) -> None:
-        """Redraw the panels whose data changed since the last flush (every other tick while generating: the
-        redraw's Python holds the GIL that the generation thread needs between kernels)."""
-        self._tick += 1
-        if self.generating and self._tick % 2:
+        """Redraw the panels whose data changed since the last flush (at most ``gen_refresh_hz`` times a second
+        while generating: every redraw costs the engine about twice its own CPU time, see the class docstring)."""
+        now = time.monotonic()
+        if self.generating and now - self._last_flush < 1 / self.gen_refresh_hz:
             return
+        self._last_flush = now
         dirty, self._dirty = self._dirty, set()
         if "output" in dirty:
             note = ""
@@ -395,115 +399,6 @@ class Dashboard(App):
 
     def on_prompt_area_submitted(self, msg: PromptArea.Submitted) -> None:
         self.action_generate()
-
-    # -- actions ---------------------------------------------------------------------------------
-    def action_generate(self) -> None:
-        if self.loaded is None:
-            self.send_when_loaded = True
-            self.note = "the model is still loading: the prompt is sent when it is ready"
-            return
-        if self.generating:
-            self.notify("already generating (Escape stops)", severity="warning")
-            return
-        area = self.query_one(PromptArea)
-        prompt = area.text
-        if not prompt.strip():
-            self.notify("type a prompt first", severity="warning")
-            return
-        area.remember(prompt)
-        if self._slash(prompt.strip()):
-            area.load_text("")
-            return
-        self.gen_chat = self.chat
-        self._reset_view(f"{self.transcript}you: {prompt}\nmodel: " if self.chat else prompt)
-        if self.chat:
-            area.load_text("")
-        self.parity = None
-        self.generating = True
-        self.note = f"up to {self.max_tokens} tokens; Escape stops"
-        self.mark("output", "speed", "history")
-        self.run_generate(prompt, self.chat)
-
-    def _slash(self, text: str) -> bool:
-        """``/new`` starts the conversation over; ``/system TEXT`` does so with a system prompt."""
-        if text == "/new" or text.startswith("/system"):
-            self.action_new_chat(text[len("/system"):].strip() if text.startswith("/system") else None)
-            return True
-        return False
-
-    def action_escape(self) -> None:
-        """Stop a generation; otherwise leave the prompt box so that single letters are commands."""
-        if self.generating:
-            self.action_stop()
-        elif isinstance(self.focused, PromptArea):
-            self.query_one(OutputView).focus()
-            self.note = "keys: i prompt, c chat, n new, g gates, b bisect, s save, q quit, ? help"
-
-    def action_stop(self) -> None:
-        if self.generating:
-            self.workers.cancel_group(self, "generate")
-            self.note = "stopping ..."
-
-    def action_new_chat(self, system: str | None = None) -> None:
-        """Start the conversation over (keeps the current system prompt unless one is given)."""
-        if self.generating:
-            self.notify("stop the generation first (Escape)", severity="warning")
-            return
-        conv = getattr(self.engine, "conversation", None)
-        keep = conv.system if conv is not None and system is None else system
-        if hasattr(self.engine, "new_conversation"):
-            self.engine.new_conversation(keep)
-        self.transcript = ""
-        self._reset_view("")
-        self.mark("output", "speed", "history")
-        self.note = "new conversation" + (f", system prompt: {keep}" if keep else "")
-
-    def action_focus_prompt(self) -> None:
-        area = self.query_one(PromptArea)
-        area.focus()
-        area.move_cursor(area.document.end)
-
-    def action_toggle_chat(self) -> None:
-        info = getattr(self.engine, "info", None)
-        if not self.chat and info is not None and not info.has_chat_template:
-            self.notify("this model has no chat template", severity="warning")
-            return
-        self.chat = not self.chat
-
-    def action_bisect(self) -> None:
-        if self.loaded is None:
-            return
-        self.note = "bisect: starting ..."
-        self.run_bisect()
-
-    def action_gates(self) -> None:
-        if self.loaded is None:
-            return
-        note = self.engine.gates_note()
-        if note is not None:
-            self.notify(f"gates: {note}", severity="warning")
-            self.query_one(GatesPanel).note(note)
-            return
-        self.query_one(GatesPanel).note("running the fast gates ...")
-        self.run_gates()
-
-    def check_action(self, action: str, parameters) -> bool | None:
-        """The generate binding (Enter) only outside the prompt box (inside, the box sends its text)."""
-        return not (action == "generate" and isinstance(self.focused, PromptArea))
-
-    def action_save(self) -> None:
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        path = self.save_dir / f"apr-tui-session-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        try:
-            self.last_save = self.engine.save(path)
-        except (OSError, ValueError, TypeError) as exc:
-            self._failed("save", f"{type(exc).__name__}: {exc}", None)
-            return
-        self.note = f"session saved to {path}"
-        self.notify(f"saved {path}")
-
-    def action_help(self) -> None:
-        self.push_screen(HelpScreen())
 
     def on_unmount(self) -> None:
         gc.unfreeze()

@@ -1,33 +1,17 @@
-"""A multi-turn conversation rendered through the model's chat template, and the KV-cache prefix reuse that lets
-each turn prefill only its new tokens. Nothing here imports textual.
+"""A multi-turn conversation in the dashboard's chat mode. Nothing here imports textual.
 
-Each turn renders the whole conversation (system prompt, earlier user / assistant turns, the new user message)
-with ``Tokenizer.apply_chat_template`` (:mod:`apr_numba.model.chat_template`, transformers' semantics) and
-tokenizes it. The backend's KV cache still holds the tokens of the previous turns; :func:`common_prefix` of the
-new ids with those cached ids is the part that need not be computed again, so only the rest is prefilled (the
-way llama.cpp's server reuses its slot's cache, ``n_past`` = the common prefix).
+The conversation is only the message list: each turn hands the whole list (earlier user / assistant turns and
+the new user message, with the system prompt) to :func:`apr_numba.generation.generate.prompt_ids`, the one
+definition of "the token ids of a chat" that ``apr_numba.generate`` / ``apr_numba.run`` use, and the engine runs
+them with ``generate_events(..., reuse=True)``: :class:`apr_numba.generation.decoding.SequenceDecoder` keeps the
+KV cache positions the new ids share with what the cache holds (``KVState.tokens``) and prefills only the rest
+(llama.cpp's server slot reuse, ``n_past`` = the common prefix). So a dashboard chat turn and an API call with
+the same messages feed the model the same ids at the same positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token id sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and int(a[i]) == int(b[i]):
-        i += 1
-    return i
-
-
-def reusable(ids: Sequence[int], cached: Sequence[int], n_past: int) -> int:
-    """Positions of the KV cache that ``ids`` can keep: the common prefix with the ``cached`` ids (what the
-    cache holds at positions 0..n_past-1), at most ``len(ids) - 1`` so one token is still evaluated (its
-    logits start the generation)."""
-    return max(0, min(common_prefix(ids, cached[:n_past]), len(ids) - 1))
 
 
 @dataclass
@@ -37,20 +21,24 @@ class Conversation:
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
 
+    def with_user(self, user: str) -> list[dict]:
+        """The OpenAI-style message list of the conversation plus a new ``user`` message (the system prompt is
+        not in it: pass :attr:`system` as ``prompt_ids``' ``system``)."""
+        return list(self.messages) + [{"role": "user", "content": user}]
+
     def render(self, model, user: str) -> list[int]:
-        """Token ids of the conversation plus a new ``user`` message, with the generation prompt (the
-        template's ``add_generation_prompt=True``).
+        """Token ids of the conversation plus a new ``user`` message, ending with the assistant's generation
+        prompt: exactly ``apr_numba.generation.generate.prompt_ids(model, messages, system=self.system)``.
 
         Raises:
             ArgumentError: the model has no chat template, or the template rejected the messages.
         """
-        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        text = model.tokenizer.apply_chat_template(msgs + [{"role": "user", "content": user}],
-                                                   add_generation_prompt=True)
-        return model.encode(text)
+        from apr_numba.generation.generate import prompt_ids
+
+        return prompt_ids(model, self.with_user(user), system=self.system)
 
     def add_turn(self, user: str, assistant: str) -> None:
-        """Record a finished exchange."""
+        """Record a finished exchange (``assistant``: the generated text, as ``apr_numba.generate`` returns it)."""
         self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
     def reset(self, system: str | None = None) -> None:

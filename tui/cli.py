@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", default="", help="text to put in the prompt box (default: empty)")
     p.add_argument("--system", default=None, help="chat mode's system prompt (also: type /system TEXT)")
     p.add_argument("--shadow-budget-mb", type=int, default=None,
-                   help="float64 weights the reference shadow keeps between passes (default 128; the rest is "
-                        "dequantized one block at a time)")
+                   help="float64 weights the reference shadow keeps between passes (default 64; the rest is "
+                        "streamed one tensor at a time)")
     p.add_argument("--theme", choices=sorted(BUILTIN_THEMES), default=None, help="a Textual theme")
     p.add_argument("--chat", action="store_true", help="start in chat mode (the model's chat template)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

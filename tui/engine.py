@@ -11,9 +11,10 @@ block outputs (post_ffn_residual, (n_layer, k, n_embd)) to the shadow's queue (:
 waiting. The shadow worker runs that queue only in idle time (no generation, gate or bisect running), at the
 lowest CPU priority, so generation runs at the engine's own speed; the shadow catches up after each reply.
 
-A run keeps the KV cache positions it shares with the previous run (:mod:`tui.chat`): a chat turn prefills only
-its new tokens. Model jobs (generation, gates, bisect) run one at a time (:class:`Jobs`), so they never share
-the model's KV cache or time each other; the gates measure only when the shadow has caught up.
+A run keeps the KV cache positions it shares with the previous run (generate_events' ``reuse``, the API's
+own prefix reuse; :mod:`tui.chat`): a chat turn prefills only its new tokens. Model jobs (generation, gates,
+bisect) run one at a time (:class:`Jobs`), so they never share the model's KV cache or time each other; the
+gates measure only when the shadow has caught up.
 """
 
 from __future__ import annotations
@@ -84,22 +85,16 @@ class Jobs:
 
 
 class _Capturing:
-    """The model as generate_events sees it, except that every eval captures the block outputs, and that the
-    first ``keep`` positions of the KV cache are kept: ``reset`` rewinds to them and the prefill evaluates
-    only the ids after them (:mod:`tui.chat`)."""
+    """The model as generate_events sees it, except that every eval captures the block outputs and hands
+    them (with the ids evaluated) to ``sink``. Prefix reuse is generate_events' own (``reuse=True``)."""
 
-    def __init__(self, model, sink, keep: int = 0):
-        self._model, self._sink, self._keep, self._skip = model, sink, keep, keep
+    def __init__(self, model, sink):
+        self._model, self._sink = model, sink
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def reset(self) -> None:
-        self._model.n_past = self._keep
-
     def eval(self, ids, n_logits: int = 1, capture_layers: bool = False, state=None):
-        if self._skip:
-            ids, self._skip = list(ids)[self._skip:], 0
         logits, cap = self._model.eval(ids, n_logits, capture_layers=True, state=state)
         self._sink(ids, cap)
         return (logits, cap) if capture_layers else logits
@@ -146,7 +141,6 @@ class Engine:
         self.spec, self.backend_req, self.shadow_req = model, backend, shadow
         self.shadow_budget = shadow_budget_bytes
         self.conversation = Conversation(system or None)
-        self.cached_ids: list[int] = []  # the tokens in the backend's KV cache, positions 0..n_past-1
         self.trail = Trail()
         self.threads, self.n_ctx, self.temperature, self.seed = threads, n_ctx, temperature, seed
         self.model = None
@@ -161,7 +155,7 @@ class Engine:
         self.gates: dict[str, GateRow] = {}
         self.l1: L1Reading | None = None
         self.bisects: list[dict] = []
-        self._gate_ctx = None
+        self._gate_proc = None  # the gate child while a gate run is on (tui.gate_process)
 
     # -- load ----------------------------------------------------------------------------------
     def load(self, emit: Emit) -> Loaded:
@@ -213,7 +207,10 @@ class Engine:
                                 f"no per-layer parity is computed"
 
     def close(self) -> None:
-        """Nothing to release (kept for the app's unmount; FakeEngine has the same)."""
+        """End the gate child if a gate run is on (the app's unmount; FakeEngine has the same)."""
+        proc = self._gate_proc
+        if proc is not None:
+            proc.close()
 
     # -- generation ----------------------------------------------------------------------------
     def _captured(self, gen: _Gen, ids, cap: np.ndarray) -> None:
@@ -259,14 +256,11 @@ class Engine:
             self.history.append(gen)
             res, fallback = self._run_with_fallback(gen, max_tokens, emit, cancelled, t0)
             produced = [t["token_id"] for t in gen.tokens if t["token_id"] >= 0]
-            self.cached_ids = (list(ids) + produced)[:m.n_past] if res.stop_reason != "error" else []
             if chat and res.stop_reason != "error":
                 self.conversation.add_turn(prompt, gen.text)
             out = res.to_dict()
             out.update(text=gen.text, token_ids=produced, prompt_token_ids=list(ids), total_s=time.perf_counter() - t0,
                        reused=gen.reused, prefilled=len(ids) - gen.reused, turn=self.conversation.turns)
-            if gen.reused and res.prefill_s > 0:  # GenerationResult counts every prompt id as prefilled
-                out["prefill_tok_s"] = (len(ids) - gen.reused) / res.prefill_s
             if fallback:
                 out["fallback"] = fallback
             gen.result = out
@@ -303,7 +297,6 @@ class Engine:
                 fallback = f"fell back to the CPU (Numba) after {len(produced)} tokens"
                 emit(Failed("generate", reason, fallback + "; continuing from the text so far"))
                 self.info.backend, self.info.device = m.backend, str(m.device)
-                self.cached_ids = []
                 if len(produced) >= max_tokens or cancelled():
                     res.stop_reason = "cancelled" if cancelled() else "length"
                     return res, fallback
@@ -312,22 +305,25 @@ class Engine:
                 t0: float) -> None:
         """One generate_events run on a fresh sequence, every step's block outputs queued for the shadow."""
         from apr_numba.generation.generate import generate_events
-        from tui.chat import reusable
 
         m = self.model
-        keep = reusable(ids, self.cached_ids, m.n_past) if not gen.tokens else 0
-        gen.reused = keep
-        proxy = _Capturing(m, lambda i, c: self._captured(gen, i, c), keep)
+        first = not gen.tokens
+        proxy = _Capturing(m, lambda i, c: self._captured(gen, i, c))
         last_t = t0 + gen.tokens[-1]["elapsed_s"] if gen.tokens else None
-        for ev in generate_events(proxy, ids, params, max_tokens, (), res, cancelled=cancelled):
-            now = time.perf_counter()
-            tok = Token(len(gen.tokens), ev.token_id, ev.text, now - t0, None if last_t is None else now - last_t,
-                        m.n_past, m.n_ctx)
-            if last_t is None:
-                tok.prefill_tok_s, tok.ttft_s = res.prefill_tok_s, res.time_to_first_token_s
-            last_t = now
-            gen.tokens.append(asdict(tok))
-            emit(tok)
+        # reuse: the KV cache keeps the prefix these ids share with what it holds (KVState.tokens), as in the API
+        try:
+            for ev in generate_events(proxy, ids, params, max_tokens, (), res, cancelled=cancelled, reuse=True):
+                now = time.perf_counter()
+                tok = Token(len(gen.tokens), ev.token_id, ev.text, now - t0,
+                            None if last_t is None else now - last_t, m.n_past, m.n_ctx)
+                if last_t is None:
+                    tok.prefill_tok_s, tok.ttft_s = res.prefill_tok_s, res.time_to_first_token_s
+                last_t = now
+                gen.tokens.append(asdict(tok))
+                emit(tok)
+        finally:
+            if first:  # a rerun after a fallback starts on a fresh CPU cache: the first run's count stands
+                gen.reused = res.n_reused
 
     def _fallback_to_cpu(self) -> bool:
         """Move the model off OpenCL onto its CPU path (fresh CPU KV cache)."""
@@ -379,8 +375,7 @@ class Engine:
                 self.trail.foreground():
             set_threads(self.model.threads)
             emit(Status(f"bisect: tracing every stage of {len(ids)} prompt tokens on {a} and {b} ...", "bisect"))
-            res = bisect(self.model, tokens=ids, a=a, b=b)
-            self.cached_ids = []  # the trace ran on the model: its KV cache no longer holds the last run
+            res = bisect(self.model, tokens=ids, a=a, b=b)  # on its own KV states: the model's cache is kept
         head = f"bisect {a} vs {b}, {len(ids)} prompt tokens, {len(res.rows)} stages:"
         if res.diverged:
             r = res.rows[res.index]
@@ -414,28 +409,38 @@ class Engine:
     def run_gates(self, emit: Emit, cancelled: Cancelled) -> list[GateRow]:
         """Measure the fast gates (registry order, short measurements), emitting a GateRow as each arrives.
 
-        The gates measure on their own context (their own CPU load of the same file, kept for the next run),
-        never on the dashboard's KV cache; :class:`Jobs` runs one gate per turn and never beside a generation.
+        The gates measure in a child process (:mod:`tui.gate_process`: their own load of the same file, ended
+        after the run so their memory goes back to the OS), never on the dashboard's KV cache; :class:`Jobs`
+        runs one gate per turn and never beside a generation.
         """
+        from tui.gate_process import GateProcess, GateProcessError
+
         gates = self.gates_module()
         if gates is None:
             emit(Status(f"gates: {self.gates_note()}", "gates"))
             return []
         rows: list[GateRow] = []
-        if self._gate_ctx is None:
-            from apr_numba.gates.context import GateContext
-
-            self._gate_ctx = GateContext(self.model.path, threads=self.threads)
         specs = gates.select(None)
-        for i, spec in enumerate(specs):
-            if cancelled() or not self.trail.wait_idle(cancelled):  # gates measure in idle time only
-                break
-            with self.jobs.job(f"gate {spec.id}", False), self.trail.foreground():
-                emit(Status(f"gates: measuring {spec.id} ({i + 1}/{len(specs)}) ...", "gates"))
-                row = gate_row(gates.run_gate(spec, self._gate_ctx))
-            rows.append(row)
-            self.gates[row.id] = row
-            emit(row)
+        proc = None
+        try:
+            for i, spec in enumerate(specs):
+                if cancelled() or not self.trail.wait_idle(cancelled):  # gates measure in idle time only
+                    break
+                with self.jobs.job(f"gate {spec.id}", False), self.trail.foreground():
+                    emit(Status(f"gates: measuring {spec.id} ({i + 1}/{len(specs)}) ...", "gates"))
+                    if proc is None:
+                        proc = self._gate_proc = GateProcess(self.model.path, threads=self.threads)
+                    row = gate_row(proc.measure(spec.id))
+                rows.append(row)
+                self.gates[row.id] = row
+                emit(row)
+        except GateProcessError as exc:
+            if not cancelled():
+                emit(Failed("gates", str(exc), f"{len(rows)} of {len(specs)} gates measured"))
+        finally:
+            if proc is not None:
+                proc.close()
+                self._gate_proc = None
         emit(Status(gates_summary(list(self.gates.values())), "gates"))
         return rows
 

@@ -8,8 +8,8 @@ few tokens behind the backend but still covers every token; the panel says which
 
 * ``reference``: :class:`ReferenceShadow`, the project's float64 reference backend itself
   (:class:`apr_numba.backends.reference.ReferenceModel`, gguf-py dequantization, its ``eval`` over a float64
-  ``RefState`` KV cache), with a weight budget (:data:`REF_CACHE_BYTES`): it dequantizes one block at a time
-  from the memory-mapped file. Independent of the Numba kernels and of the packed weights.
+  ``RefState`` KV cache), with a weight budget (:data:`REF_CACHE_BYTES`): the blocks past it are streamed one
+  tensor at a time from the memory-mapped file. Independent of the Numba kernels and of the packed weights.
 * ``cpu``: :class:`CpuShadow`, the Numba CPU forward of the same model (same packed weights) on its own
   CPU KV cache. Against the OpenCL backend it is an independent implementation; against the CPU backend it
   compares the per-token decode path with the batched (prefill-tile) path of the same kernels, a
@@ -22,11 +22,12 @@ Nothing here imports textual.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-REF_CACHE_BYTES = int(os.environ.get("APR_TUI_REF_CACHE_MB", "128")) * 2**20  # default float64 weight budget
+REF_CACHE_BYTES = int(os.environ.get("APR_TUI_REF_CACHE_MB", "64")) * 2**20  # default float64 weight budget
 SHADOWS = ("reference", "cpu", "opencl", "off")
 
 
@@ -48,15 +49,46 @@ def layer_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return cos
 
 
+class StreamedBlock(Mapping):
+    """Block ``il``'s weights as :meth:`ReferenceModel.block` reads them (``w["attn_q.weight"]``...), each
+    tensor dequantized to float64 (``ReferenceModel.weight``) only when read and not kept, and its pages of the
+    memory-mapped file released right after (``source.release_tensor``, MADV_DONTNEED), so a pass holds one
+    float64 tensor at a time (the largest: an FFN matrix, n_ff x n_embd x 8 bytes) and the file's pages do not
+    pile up in the resident set."""
+
+    def __init__(self, ref, il: int, source=None) -> None:
+        self.ref, self.source, self.prefix = ref, source, f"blk.{il}."
+        self.names = {ts.name[len(self.prefix):]: ts.name for ts in ref.spec.block_tensors(il).values()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        name = self.names[key]
+        w = self.ref.weight(name)
+        release = getattr(self.source, "release_tensor", None)
+        if release is not None:
+            release(name)
+        return w
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def nbytes(self) -> int:
+        """float64 bytes of the whole block (what keeping it dequantized costs)."""
+        return sum(8 * int(np.prod(self.ref.tensors[n].shape)) for n in self.names.values())
+
+
 class ReferenceShadow:
     """The project's float64 reference backend (:class:`apr_numba.backends.reference.ReferenceModel`) with its
     own KV cache (:class:`~apr_numba.backends.reference.RefState`), fed in chunks: a thin wrapper, no math here.
 
     Args:
         model: the loaded apr_numba Model (its open source and ArchSpec are shared, nothing is re-parsed).
-        budget_bytes: float64 weights the reference keeps between passes (``ReferenceModel(budget_bytes=)``,
-            least recently used out); the others are dequantized one block at a time from the memory-mapped
-            file as each pass runs, so the memory is O(budget + one block + the KV cache), whatever the model.
+        budget_bytes: float64 weights kept between passes: the first blocks that fit stay dequantized (a
+            pass visits every block in order, so least-recently-used eviction would never hit); the others are
+            streamed one tensor at a time from the memory-mapped file (:class:`StreamedBlock`) as each pass runs,
+            so the memory is O(budget + one tensor + the KV cache), whatever the model.
     """
 
     kind = "reference"
@@ -67,6 +99,8 @@ class ReferenceShadow:
         self.label = "backend vs float64 NumPy reference (own KV cache)"
         self.ref = self.state = None
         self._blas = None
+        self.kept: dict[int, dict] = {}  # blocks kept dequantized (within the budget)
+        self.kept_bytes = 0
 
     def prepare(self, progress=None) -> None:
         """Open the reference over the model's source (cheap: weights are dequantized as passes need them)."""
@@ -74,7 +108,7 @@ class ReferenceShadow:
         from apr_numba.debug.tracing import single_thread_blas
 
         try:
-            self.ref = ReferenceModel.from_source(self.model.source, self.model.spec, budget_bytes=self.budget)
+            self.ref = ReferenceModel.from_source(self.model.source, self.model.spec, budget_bytes=0)
         except Exception as exc:  # noqa: BLE001 - e.g. a format the reference cannot read
             raise ShadowUnavailable(f"reference unavailable for {Path(self.model.path).name}: {exc}") from None
         self.state = self.ref.new_state(self.model.n_ctx)
@@ -83,6 +117,18 @@ class ReferenceShadow:
     @property
     def n_past(self) -> int:
         return 0 if self.state is None else self.state.n_past
+
+    def block_weights(self, il: int):
+        """Block ``il``'s float64 weights: kept (dequantized once, while within the budget) or streamed."""
+        if il in self.kept:
+            return self.kept[il]
+        w = StreamedBlock(self.ref, il, self.model.source)
+        size = w.nbytes()
+        if self.kept_bytes + size <= self.budget:
+            self.kept[il] = {k: w[k] for k in w}
+            self.kept_bytes += size
+            return self.kept[il]
+        return w
 
     def reset(self) -> None:
         self.rewind(0)
@@ -108,8 +154,7 @@ class ReferenceShadow:
         ref, st = self.ref, self.state
         ids = np.asarray(ids, np.int64).reshape(-1)
         if pause is None:
-            with self._blas:
-                return ref.eval(ids, st, n_logits=0, capture_layers=True)[1]
+            pause = _no_pause
         if st.n_past + ids.size > st.n_ctx:
             raise ValueError(f"{st.n_past + ids.size} positions exceed the shadow's context of {st.n_ctx}")
         n_layer = ref.config.n_layer
@@ -120,7 +165,7 @@ class ReferenceShadow:
             for il in range(n_layer):
                 pause()
                 past = (st.k[il], st.v[il]) if il < len(st.k) else None
-                x = out[il] = ref.block(ref.load_block(il), x, positions, layer=il, past=past)
+                x = out[il] = ref.block(self.block_weights(il), x, positions, layer=il, past=past)
                 k, v = ref.last_kv
                 if il < len(st.k):
                     st.k[il], st.v[il] = k, v
@@ -129,6 +174,10 @@ class ReferenceShadow:
                     st.v.append(v)
         st.n_past += ids.size
         return out
+
+
+def _no_pause() -> None:
+    return None
 
 
 class CpuShadow:
