@@ -19,8 +19,12 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, load_average  # noqa: E402
 
 SETTLE_S = 0.5
 
@@ -117,9 +121,14 @@ def compare(name: str, threads: int, n_prompt: int, n_gen: int, reps: int, promp
     return {
         "model": name, "threads": threads, "threading_layer": config.threading_layer(),
         f"pp{n_prompt}": {"apr": stats["apr_pp"], "llama.cpp": stats["ll_pp"],
-                          "ratio": stats["apr_pp"][0] / stats["ll_pp"][0]},
+                          "ratio": stats["apr_pp"][0] / stats["ll_pp"][0],
+                          "best_ratio": max(rates["apr_pp"]) / max(rates["ll_pp"]),
+                          "reps": {"apr": rates["apr_pp"], "llama.cpp": rates["ll_pp"]}},
         f"tg{n_gen}": {"apr": stats["apr_tg"], "llama.cpp": stats["ll_tg"],
-                       "ratio": stats["apr_tg"][0] / stats["ll_tg"][0]},
+                       "ratio": stats["apr_tg"][0] / stats["ll_tg"][0],
+                       "best_ratio": max(rates["apr_tg"]) / max(rates["ll_tg"]),
+                       "reps": {"apr": rates["apr_tg"], "llama.cpp": rates["ll_tg"]}},
+        "cpu": cpu_model(), "load_average": load_average(),
         "greedy": {"prompt": prompt, "apr": model.decode(apr_ids), "llama.cpp": model.decode(ll_ids),
                    "same_ids": apr_ids == ll_ids},
     }
@@ -139,11 +148,12 @@ def main(argv=None) -> int:
     for name in a.models:
         r = compare(name, a.threads, a.n_prompt, a.n_gen, a.reps, a.prompt)
         results.append(r)
-        print(f"\n{name}  threads={r['threads']} ({r['threading_layer']})")
+        print(f"\n{name}  threads={r['threads']} ({r['threading_layer']}); CPU {r['cpu']}; load average "
+              f"{r['load_average']}")
         for test in (f"pp{a.n_prompt}", f"tg{a.n_gen}"):
             d = r[test]
             print(f"  {test:>6}: apr-numba {d['apr'][0]:8.2f} ± {d['apr'][1]:5.2f}   llama.cpp {d['llama.cpp'][0]:8.2f}"
-                  f" ± {d['llama.cpp'][1]:5.2f}   ratio {d['ratio']:.2f}")
+                  f" ± {d['llama.cpp'][1]:5.2f}   ratio {d['ratio']:.2f} (of the bests {d['best_ratio']:.2f})")
         g = r["greedy"]
         print(f"  greedy apr-numba: {g['apr']!r}\n  greedy llama.cpp: {g['llama.cpp']!r}  (same ids: {g['same_ids']})")
     if a.json:
