@@ -227,24 +227,20 @@ def faulty_mats(model, plan):
     bytes (apr_numba.debug.faults.corrupted_raw), or None when the plan has no weight fault."""
     if plan is None or not plan.matrices:
         return None
-    from numba import typed
-
     from apr_numba.debug.faults import faulty_source
-    from apr_numba.kernels.matmul import packed_tuple
+    from apr_numba.kernels.matmul import packed_list, packed_tuple
     from apr_numba.model.weights import LAYER_MATS, N_MATS
     from apr_numba.quants.layouts import decode_codes
     from apr_numba.quants.repack import pack
 
     src = faulty_source(model.source, plan)
-    mats = typed.List()
-    for m in model.weights.mats:
-        mats.append(m)
+    mats = list(model.weights.mats)
     for layer, slot in plan.matrices:
         name = f"blk.{layer}.{slot}.weight"
         t = src.tensors[name]
         mats[N_MATS * layer + LAYER_MATS.index(slot)] = packed_tuple(pack(decode_codes(t.ggml_type, src.data(name),
                                                                                        tuple(t.shape), name)))
-    return mats
+    return packed_list(mats)
 
 
 def _trace_buffers(model, keys, T: int, plan):

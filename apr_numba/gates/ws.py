@@ -31,10 +31,9 @@ def minimal_model(model, n_ctx: int = 64):
     Minimal: hidden = FFN = head size = 32, vocabulary 64, an F32 embedding table, n_ctx positions.
     Weights are small random codes and scales (the values are irrelevant to timing).
     """
-    from numba import typed
 
     from apr_numba.arch.spec import ArchSpec
-    from apr_numba.kernels.matmul import packed_tuple
+    from apr_numba.kernels.matmul import packed_list, packed_tuple
     from apr_numba.model.decoder import LoadStats, Model
     from apr_numba.model.hparams import ModelConfig
     from apr_numba.model.weights import LAYER_MATS, ModelWeights
@@ -70,9 +69,7 @@ def minimal_model(model, n_ctx: int = 64):
         for i, slot in enumerate(LAYER_MATS):
             packed.append(like(src[7 * layer + i], *shapes[slot]))
     packed.append(like(src[7 * c.n_layer], cfg.n_vocab, D))
-    mats = typed.List()
-    for pm in packed:
-        mats.append(packed_tuple(pm))
+    mats = packed_list(packed_tuple(pm) for pm in packed)
     L = c.n_layer
     embd = (rng.standard_normal((cfg.n_vocab, D)) * 0.1).astype(np.float32)
     w = ModelWeights(cfg, mats, packed, np.ones((L, D), np.float32), np.ones((L, D), np.float32),

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from numba import typed
 
 from apr_numba.arch.spec import ArchSpec
 from apr_numba.errors import ModelFormatError
 from apr_numba.kernels.embed import EMBED_TYPES
-from apr_numba.kernels.matmul import packed_tuple
+from apr_numba.kernels.matmul import packed_list, packed_tuple
 from apr_numba.model import plan
 from apr_numba.model.hparams import ModelConfig
 from apr_numba.quants.layouts import decode_codes
@@ -133,7 +132,7 @@ def _pack_experts(src, spec: ArchSpec):
     An expert stack ``blk.N.ffn_{gate,up,down}_exps.weight`` (n_expert, rows, cols) stores expert e's rows
     contiguously (GGUF ne [cols, rows, n_expert]), so each expert packs on its own like a 2-D matrix.
     """
-    out = typed.List()
+    out = []
     E = spec.n_expert
     for layer in range(spec.hp.n_layer):
         b = spec.block_tensors(layer)
@@ -148,7 +147,7 @@ def _pack_experts(src, spec: ArchSpec):
         for s in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
             if hasattr(src, "release_tensor"):
                 src.release_tensor(b[s + ".weight"].name)
-    return out
+    return packed_list(out)
 
 
 def _stack(src, spec: ArchSpec, suffix: str, width: int, on: bool) -> np.ndarray:
@@ -196,9 +195,7 @@ def load_weights(src, spec: ArchSpec, progress: bool = False) -> ModelWeights:
     output_norm = plan.vector(src, mt["output_norm.weight"])
     embd_raw = np.asarray(src.data("token_embd.weight")).reshape(cfg.n_vocab, -1)
 
-    mats = typed.List()
-    for pm in packed:
-        mats.append(packed_tuple(pm))
+    mats = packed_list(packed_tuple(pm) for pm in packed)
     mix = Counter(t.type_name if hasattr(t, "type_name") else str(t.ggml_type) for t in src.tensors.values())
     return ModelWeights(cfg, mats, packed, attn_norm, ffn_norm, output_norm, bias, spec.qkv_bias, embd_raw,
                         int(emb.ggml_type), spec.tied_head, dict(mix), sum(pm.nbytes for pm in packed),
