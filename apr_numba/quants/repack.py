@@ -40,6 +40,7 @@ from numba import njit, prange
 
 from apr_numba.kernels.embed import f16_to_f32
 from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5, Codes
+from apr_numba.quants.pack_kquants import K_Q5K_I8, K_Q5K_U5, KSPEC, KV_IQ4, family_of, pack_k_blocks
 
 LANES = 64
 Q5_TYPES = (6, 7)  # GGML Q5_0, Q5_1 (raw blocks packed by pack_raw)
@@ -182,8 +183,8 @@ __all__ = ["LANES", "PackedMatrix", "pack", "pack_raw", "q5_layout", "u5_words",
 
 # -- fast path: pack raw GGML blocks straight into the interleaved layout (Numba, parallel) ------------
 # For the 32-value block types the kernel layout is the block's own byte order (U5: the 5-bit codes regrouped
-# into 16-bit words), so packing is a gather plus float16 -> float32 scales; bitwise equal to
-# pack(decode_codes(...)) (tested).
+# into 16-bit words), so packing is a gather plus float16 -> float32 scales; the K-quants and IQ4 types are
+# decoded block by block (pack_kquants). Bitwise equal to pack(decode_codes(...)) (tested).
 
 @njit(parallel=True, nogil=True, cache=True)
 def _pack_b32(raw, ts, qoff, kind, q, s, m):
@@ -253,29 +254,57 @@ _FAST = {int(T8): spec for T8, spec in ((8, (34, 2, 0, 32, False)), (2, (18, 2, 
 
 
 def pack_raw(ggml_type: int, raw: np.ndarray, shape: tuple[int, int], q5: str | None = None) -> PackedMatrix | None:
-    """Pack raw Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks (rows, row_bytes) directly, as :func:`pack` would
-    (``q5`` as there); None for other types (and Q5_1 with the I8 layout)."""
+    """Pack the raw GGML blocks of a (rows, cols) matrix straight into a :class:`PackedMatrix`, bit for bit as
+    ``pack(decode_codes(...))`` would (``q5`` as there), in parallel Numba: Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1
+    here, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS in :mod:`apr_numba.quants.pack_kquants`.
+
+    Args:
+        raw: uint8 with ``rows * row_bytes`` elements, any shape (a read-only memory map is fine).
+
+    Returns:
+        the packed matrix, or None for the other types (F32 / F16 / BF16, aprender's own), which go through
+        :func:`pack`.
+    """
     rows, cols = shape
-    if int(ggml_type) in Q5_TYPES and q5_layout(q5) == "u5":
-        has_m = int(ggml_type) == 7
+    t = int(ggml_type)
+    G = -(-rows // LANES)
+    if t in Q5_TYPES and q5_layout(q5) == "u5":
+        has_m = t == 7
         nb = cols // 32
-        G = -(-rows // LANES)
         raw2 = np.asarray(raw).reshape(rows, nb * (24 if has_m else 22))
         q = np.zeros((G, nb, U5_WORDS, 2 * LANES), np.uint8)
         s = np.zeros((G, nb, LANES), np.float32)
         m = np.zeros((G, nb if has_m else 0, LANES), np.float32)
         _pack_q5_u5(raw2, 24 if has_m else 22, has_m, q, s, m)
-        return PackedMatrix(FAMILY_U5, int(ggml_type), rows, cols, 32, q, s, m)
-    spec = _FAST.get(int(ggml_type))
+        return PackedMatrix(FAMILY_U5, t, rows, cols, 32, q, s, m)
+    if t in KSPEC:
+        return _pack_k(t, raw, rows, cols, G, q5)
+    spec = _FAST.get(t)
     if spec is None:
         return None
     ts, qoff, kind, k, has_m = spec
     nb = cols // 32
-    G = -(-rows // LANES)
     raw2 = np.asarray(raw).reshape(rows, nb * ts)
     q = np.zeros((G, nb, k, LANES), np.uint8)
     s = np.zeros((G, nb, LANES), np.float32)
     m = np.zeros((G, nb if has_m else 0, LANES), np.float32)
     _pack_b32(raw2, ts, qoff, kind, q, s, m)
     family = FAMILY_U4 if kind in (1, 2) else FAMILY_I8
-    return PackedMatrix(family, int(ggml_type), rows, cols, 32, q, s, m)
+    return PackedMatrix(family, t, rows, cols, 32, q, s, m)
+
+
+def _pack_k(t: int, raw: np.ndarray, rows: int, cols: int, G: int, q5: str | None) -> PackedMatrix:
+    """K-quant / IQ4 blocks -> PackedMatrix through :func:`~apr_numba.quants.pack_kquants.pack_k_blocks`."""
+    bs, ts, nspb, kind, has_m = KSPEC[t]
+    if kind == K_Q5K_I8 and q5_layout(q5) == "u5":
+        kind = K_Q5K_U5
+    group = bs // nspb
+    nsub = cols // group
+    raw2 = np.asarray(raw).reshape(rows, cols // bs * ts)
+    family = family_of(kind)
+    k = 16 if family == FAMILY_U4 else group
+    q = np.zeros((G, nsub, U5_WORDS, 2 * LANES) if family == FAMILY_U5 else (G, nsub, k, LANES), np.uint8)
+    s = np.zeros((G, nsub, LANES), np.float32)
+    m = np.zeros((G, nsub if has_m else 0, LANES), np.float32)
+    pack_k_blocks(raw2, ts, nspb, group, kind, KV_IQ4, q, s, m)
+    return PackedMatrix(family, t, rows, cols, group, q, s, m)
