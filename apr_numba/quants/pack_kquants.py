@@ -39,96 +39,25 @@ def family_of(kind: int) -> int:
 
 
 @njit(nogil=True, cache=True)
-def _decode_block(blk, o, kind, kv, code, sc, mn):
-    """Decode one raw block ``blk[o : o + type_size]`` into ``code`` (values, int64), ``sc`` / ``mn`` (float32
-    scale / offset per sub-block); formulas of apr_numba.quants.layouts / kquants (ggml dequantize_row_*)."""
-    if kind == K_Q4K or kind == K_Q5K_U5 or kind == K_Q5K_I8:
-        d = f16_to_f32(blk[o], blk[o + 1])
-        dmin = f16_to_f32(blk[o + 2], blk[o + 3])
-        for j in range(8):  # get_scale_min_k4
-            if j < 4:
-                s6 = np.int64(blk[o + 4 + j]) & 63
-                m6 = np.int64(blk[o + 8 + j]) & 63
-            else:
-                s6 = (np.int64(blk[o + 8 + j]) & 15) | ((np.int64(blk[o + j]) >> 6) << 4)
-                m6 = (np.int64(blk[o + 8 + j]) >> 4) | ((np.int64(blk[o + 4 + j]) >> 6) << 4)
-            sc[j] = d * np.float32(s6)
-            mn[j] = dmin * np.float32(m6)
-        qs = o + (16 if kind == K_Q4K else 48)
-        for t in range(8):
-            sh = 4 * (t & 1)
-            for l in range(32):
-                c = (np.int64(blk[qs + 32 * (t >> 1) + l]) >> sh) & 15
-                if kind != K_Q4K:
-                    c |= ((np.int64(blk[o + 16 + l]) >> t) & 1) << 4
-                code[32 * t + l] = c
-    elif kind == K_Q6K:
-        d = f16_to_f32(blk[o + 208], blk[o + 209])
-        for t in range(16):
-            sc[t] = d * np.float32(np.int8(blk[o + 192 + t]))
-        for h in range(2):
-            for l in range(32):
-                a = np.int64(blk[o + 64 * h + l])
-                b = np.int64(blk[o + 64 * h + l + 32])
-                hb = np.int64(blk[o + 128 + 32 * h + l])
-                y = 128 * h + l
-                code[y] = ((a & 15) | ((hb & 3) << 4)) - 32
-                code[y + 32] = ((b & 15) | (((hb >> 2) & 3) << 4)) - 32
-                code[y + 64] = ((a >> 4) | (((hb >> 4) & 3) << 4)) - 32
-                code[y + 96] = ((b >> 4) | (((hb >> 6) & 3) << 4)) - 32
-    elif kind == K_Q2K or kind == K_Q3K:
-        qs = o + (16 if kind == K_Q2K else 32)
-        if kind == K_Q2K:
-            d = f16_to_f32(blk[o + 80], blk[o + 81])
-            dmin = f16_to_f32(blk[o + 82], blk[o + 83])
-            for t in range(16):
-                b = np.int64(blk[o + t])
-                sc[t] = d * np.float32(b & 15)
-                mn[t] = dmin * np.float32(b >> 4)
-        else:
-            d = f16_to_f32(blk[o + 108], blk[o + 109])
-            for t in range(16):
-                lo = (np.int64(blk[o + 96 + (t & 7)]) >> (4 * (t >> 3))) & 15
-                hi = (np.int64(blk[o + 104 + (t & 3)]) >> (2 * (t >> 2))) & 3
-                sc[t] = d * np.float32((lo | (hi << 4)) - 32)
-        for h in range(2):
-            for j in range(4):
-                for l in range(32):
-                    v = 128 * h + 32 * j + l
-                    c = (np.int64(blk[qs + 32 * h + l]) >> (2 * j)) & 3
-                    if kind == K_Q3K and ((np.int64(blk[o + l]) >> (4 * h + j)) & 1) == 0:
-                        c -= 4
-                    code[v] = c
-    elif kind == K_IQ4NL:
-        sc[0] = f16_to_f32(blk[o], blk[o + 1])
-        for j in range(16):
-            b = np.int64(blk[o + 2 + j])
-            code[j] = kv[b & 15]
-            code[j + 16] = kv[b >> 4]
-    else:  # K_IQ4XS
-        d = f16_to_f32(blk[o], blk[o + 1])
-        shi = np.int64(blk[o + 2]) | (np.int64(blk[o + 3]) << 8)
-        for t in range(8):
-            lo = (np.int64(blk[o + 4 + t // 2]) >> (4 * (t % 2))) & 15
-            hi = (shi >> (2 * t)) & 3
-            sc[t] = d * np.float32((lo | (hi << 4)) - 32)
-            for j in range(16):
-                b = np.int64(blk[o + 8 + 16 * t + j])
-                code[32 * t + j] = kv[b & 15]
-                code[32 * t + j + 16] = kv[b >> 4]
+def _q5k_code(row, o, t, l):
+    """Q5_K code of value 32 t + l of the block at ``row[o:]``: low nibble from qs, bit 4 from qh."""
+    c = (np.int64(row[o + 48 + 32 * (t >> 1) + l]) >> (4 * (t & 1))) & 15
+    return c | (((np.int64(row[o + 16 + l]) >> t) & 1) << 4)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def pack_k_blocks(raw, ts, nspb, group, kind, kv, q, s, m):
-    """Pack raw blocks into the interleaved arrays, in parallel over 64-row groups.
+def pack_k_blocks(raw, ts, nspb, kind, kv, q, s, m):
+    """Pack raw blocks into the interleaved arrays, in parallel over 64-row groups; each block's codes and float32
+    scale / offset products are those of apr_numba.quants.layouts / kquants (ggml ``dequantize_row_*``).
 
     Args:
         raw: uint8 (rows, n_blocks * ts), each row a whole number of blocks of ``ts`` bytes.
-        ts, nspb, group: bytes per block, sub-blocks per block, values per sub-block (:data:`KSPEC`).
+        ts, nspb: bytes per block, sub-blocks per block (:data:`KSPEC`).
         kind: K_* constant (type and, for Q5_K, layout).
-        kv: int64 (16,) the IQ4 table (:data:`KVALUES_IQ4NL`).
+        kv: uint8 (16,) the IQ4 table (:data:`KVALUES_IQ4NL`) as two's-complement bytes.
         q: uint8, zeroed: U4 (G, nsub, 16, LANES); I8 (G, nsub, group, LANES); U5 (G, nsub, 11, 2 LANES).
-        s: float32 (G, nsub, LANES), zeroed. m: float32 (G, nsub, LANES), or (G, 0, LANES) for no offsets.
+        s: float32 (G, nsub, LANES), zeroed. m: float32 (G, nsub, LANES) for Q4_K, Q5_K, Q2_K; else (G, 0, LANES),
+            never written.
 
     Rows past ``rows`` (padding of the last group) are left zero, as :func:`apr_numba.quants.repack.pack` pads.
     """
@@ -137,37 +66,107 @@ def pack_k_blocks(raw, ts, nspb, group, kind, kv, q, s, m):
     if kind == K_Q5K_U5:
         L = L // 2
     nblk = nsub // nspb
-    has_m = m.shape[1] > 0
     for g in prange(G):
-        code = np.zeros(256, np.int64)
-        sc = np.zeros(16, np.float32)
-        mn = np.zeros(16, np.float32)
         for lane in range(L):
             r = g * L + lane
             if r >= rows:
                 continue
+            row = raw[r]
             for b in range(nblk):
-                _decode_block(raw[r], b * ts, kind, kv, code, sc, mn)
-                for t in range(nspb):
-                    sb = b * nspb + t
-                    s[g, sb, lane] = sc[t]
-                    if has_m:
-                        m[g, sb, lane] = mn[t]
-                    c0 = t * group
-                    if kind == K_Q4K:
-                        for j in range(16):
-                            q[g, sb, j, lane] = np.uint8(code[c0 + j] | (code[c0 + j + 16] << 4))
-                    elif kind == K_Q5K_U5:
-                        for w in range(11):
-                            if w < 10:
-                                word = code[c0 + w] | (code[c0 + w + 10] << 5) | (code[c0 + w + 20] << 10)
-                            else:
-                                word = code[c0 + 30] | (code[c0 + 31] << 5)
-                            q[g, sb, w, 2 * lane] = np.uint8(word & 255)
-                            q[g, sb, w, 2 * lane + 1] = np.uint8(word >> 8)
+                o = b * ts
+                sb = b * nspb
+                if kind == K_Q4K or kind == K_Q5K_U5 or kind == K_Q5K_I8:
+                    d = f16_to_f32(row[o], row[o + 1])
+                    dmin = f16_to_f32(row[o + 2], row[o + 3])
+                    for j in range(8):  # get_scale_min_k4
+                        if j < 4:
+                            s6 = np.int64(row[o + 4 + j]) & 63
+                            m6 = np.int64(row[o + 8 + j]) & 63
+                        else:
+                            s6 = (np.int64(row[o + 8 + j]) & 15) | ((np.int64(row[o + j]) >> 6) << 4)
+                            m6 = (np.int64(row[o + 8 + j]) >> 4) | ((np.int64(row[o + 4 + j]) >> 6) << 4)
+                        s[g, sb + j, lane] = d * np.float32(s6)
+                        m[g, sb + j, lane] = dmin * np.float32(m6)
+                    if kind == K_Q4K:  # sub-block 2c: low nibbles of qs[32c:32c+32], 2c+1: high nibbles
+                        for c in range(4):
+                            qs = o + 16 + 32 * c
+                            for j in range(16):
+                                lo = row[qs + j]
+                                hi = row[qs + j + 16]
+                                q[g, sb + 2 * c, j, lane] = (lo & np.uint8(15)) | ((hi & np.uint8(15)) << np.uint8(4))
+                                q[g, sb + 2 * c + 1, j, lane] = (lo >> np.uint8(4)) | (hi & np.uint8(0xF0))
+                    elif kind == K_Q5K_I8:
+                        for t in range(8):
+                            for l in range(32):
+                                q[g, sb + t, l, lane] = np.uint8(_q5k_code(row, o, t, l))
+                    else:  # U5 words: c_w + 32 c_{w+10} + 1024 c_{w+20}, word 10 = c_30 + 32 c_31
+                        for t in range(8):
+                            for w in range(11):
+                                if w < 10:
+                                    word = (_q5k_code(row, o, t, w) | (_q5k_code(row, o, t, w + 10) << 5)
+                                            | (_q5k_code(row, o, t, w + 20) << 10))
+                                else:
+                                    word = _q5k_code(row, o, t, 30) | (_q5k_code(row, o, t, 31) << 5)
+                                q[g, sb + t, w, 2 * lane] = np.uint8(word & 255)
+                                q[g, sb + t, w, 2 * lane + 1] = np.uint8(word >> 8)
+                elif kind == K_Q6K:
+                    d = f16_to_f32(row[o + 208], row[o + 209])
+                    for t in range(16):
+                        s[g, sb + t, lane] = d * np.float32(np.int8(row[o + 192 + t]))
+                    for h in range(2):  # value 128h + 32i + l from ql, qh; code q - 32
+                        for l in range(32):
+                            a = np.int64(row[o + 64 * h + l])
+                            a2 = np.int64(row[o + 64 * h + l + 32])
+                            hb = np.int64(row[o + 128 + 32 * h + l])
+                            y = 128 * h + l
+                            q[g, sb + (y >> 4), y & 15, lane] = np.uint8(((a & 15) | ((hb & 3) << 4)) - 32 & 255)
+                            y += 32
+                            q[g, sb + (y >> 4), y & 15, lane] = np.uint8(((a2 & 15) | (((hb >> 2) & 3) << 4)) - 32 & 255)
+                            y += 32
+                            q[g, sb + (y >> 4), y & 15, lane] = np.uint8(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32 & 255)
+                            y += 32
+                            q[g, sb + (y >> 4), y & 15, lane] = np.uint8(((a2 >> 4) | (((hb >> 6) & 3) << 4)) - 32 & 255)
+                elif kind == K_Q2K or kind == K_Q3K:
+                    if kind == K_Q2K:
+                        d = f16_to_f32(row[o + 80], row[o + 81])
+                        dmin = f16_to_f32(row[o + 82], row[o + 83])
+                        for t in range(16):
+                            x = np.int64(row[o + t])
+                            s[g, sb + t, lane] = d * np.float32(x & 15)
+                            m[g, sb + t, lane] = dmin * np.float32(x >> 4)
+                        qs = o + 16
                     else:
-                        for j in range(k):
-                            q[g, sb, j, lane] = np.uint8(code[c0 + j] & 255)
+                        d = f16_to_f32(row[o + 108], row[o + 109])
+                        for t in range(16):
+                            lo = (np.int64(row[o + 96 + (t & 7)]) >> (4 * (t >> 3))) & 15
+                            hi = (np.int64(row[o + 104 + (t & 3)]) >> (2 * (t >> 2))) & 3
+                            s[g, sb + t, lane] = d * np.float32((lo | (hi << 4)) - 32)
+                        qs = o + 32
+                    for h in range(2):  # value 128h + 32j + l: (qs[32h + l] >> 2j) & 3 (Q3_K: - 4 without hmask bit)
+                        for l in range(32):
+                            x = np.int64(row[qs + 32 * h + l])
+                            hm = np.int64(row[o + l]) >> (4 * h) if kind == K_Q3K else np.int64(15)
+                            for j in range(4):
+                                c = ((x >> (2 * j)) & 3) - 4 * (1 - ((hm >> j) & 1))
+                                v = 128 * h + 32 * j + l
+                                q[g, sb + (v >> 4), v & 15, lane] = np.uint8(c & 255)
+                elif kind == K_IQ4NL:
+                    s[g, sb, lane] = f16_to_f32(row[o], row[o + 1])
+                    for j in range(16):
+                        x = row[o + 2 + j]
+                        q[g, sb, j, lane] = kv[x & np.uint8(15)]
+                        q[g, sb, j + 16, lane] = kv[x >> np.uint8(4)]
+                else:  # K_IQ4XS
+                    d = f16_to_f32(row[o], row[o + 1])
+                    shi = np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8)
+                    for t in range(8):
+                        lo = (np.int64(row[o + 4 + t // 2]) >> (4 * (t % 2))) & 15
+                        hi = (shi >> (2 * t)) & 3
+                        s[g, sb + t, lane] = d * np.float32((lo | (hi << 4)) - 32)
+                        for j in range(16):
+                            x = row[o + 8 + 16 * t + j]
+                            q[g, sb + t, j, lane] = kv[x & np.uint8(15)]
+                            q[g, sb + t, j + 16, lane] = kv[x >> np.uint8(4)]
 
 
-KV_IQ4 = KVALUES_IQ4NL.astype(np.int64)
+KV_IQ4 = KVALUES_IQ4NL.view(np.uint8).copy()  # the table as the int8 codes' bytes

@@ -306,5 +306,5 @@ def _pack_k(t: int, raw: np.ndarray, rows: int, cols: int, G: int, q5: str | Non
     q = np.zeros((G, nsub, U5_WORDS, 2 * LANES) if family == FAMILY_U5 else (G, nsub, k, LANES), np.uint8)
     s = np.zeros((G, nsub, LANES), np.float32)
     m = np.zeros((G, nsub if has_m else 0, LANES), np.float32)
-    pack_k_blocks(raw2, ts, nspb, group, kind, KV_IQ4, q, s, m)
+    pack_k_blocks(raw2, ts, nspb, kind, KV_IQ4, q, s, m)
     return PackedMatrix(family, t, rows, cols, group, q, s, m)
