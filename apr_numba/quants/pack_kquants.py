@@ -16,7 +16,7 @@ synthetic 7B (Q4_K + Q6_K, 4.8 GB) they took ~60 s of a 67 s load on 2 vCPUs of 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from apr_numba.kernels.embed import f16_to_f32
 from apr_numba.quants.blocks import FAMILY_I8, FAMILY_U4, FAMILY_U5, T
@@ -45,10 +45,10 @@ def _q5k_code(row, o, t, l):
     return c | (((np.int64(row[o + 16 + l]) >> t) & 1) << 4)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def pack_k_blocks(raw, ts, nspb, kind, kv, q, s, m):
-    """Pack raw blocks into the interleaved arrays, in parallel over 64-row groups; each block's codes and float32
-    scale / offset products are those of apr_numba.quants.layouts / kquants (ggml ``dequantize_row_*``).
+    """Pack raw blocks into the interleaved arrays; each block's codes and float32 scale / offset products are those
+    of apr_numba.quants.layouts / kquants (ggml ``dequantize_row_*``).
 
     Args:
         raw: uint8 (rows, n_blocks * ts), each row a whole number of blocks of ``ts`` bytes.
@@ -60,13 +60,15 @@ def pack_k_blocks(raw, ts, nspb, kind, kv, q, s, m):
             never written.
 
     Rows past ``rows`` (padding of the last group) are left zero, as :func:`apr_numba.quants.repack.pack` pads.
+    Serial and ``nogil``: the loader packs several tensors at once on threads (apr_numba.model.weights); a
+    ``prange`` here cost ~3 s more of cold compile (the parfor passes) for no gain at load.
     """
     rows = raw.shape[0]
     G, nsub, k, L = q.shape
     if kind == K_Q5K_U5:
         L = L // 2
     nblk = nsub // nspb
-    for g in prange(G):
+    for g in range(G):
         for lane in range(L):
             r = g * L + lane
             if r >= rows:
