@@ -104,8 +104,8 @@ def _row_bytes(ggml_type: int, cols: int) -> int:
 
 
 def _pack_all(src, jobs: list, progress: bool) -> list[PackedMatrix]:
-    """Decode and pack ``jobs`` (TensorSpecs) in order, on a small thread pool (NumPy releases the GIL
-    in the array operations, so packing scales with cores; measured ~2x on 2 cores for qwen2)."""
+    """Pack ``jobs`` (TensorSpecs) in order, on a small thread pool: the raw-block packers
+    (:func:`~apr_numba.quants.repack.pack_raw`) are ``nogil`` Numba, so tensors pack side by side, one per core."""
     from concurrent.futures import ThreadPoolExecutor
 
     workers = max(1, min(4, os.cpu_count() or 1))

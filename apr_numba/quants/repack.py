@@ -1,4 +1,6 @@
-"""Repack decoded :class:`~apr_numba.quants.layouts.Codes` into the row-interleaved kernel layout.
+"""Repack weights into the row-interleaved kernel layout: :func:`pack_raw` from the raw GGML blocks (Numba; what the
+loader runs for every quantized type), :func:`pack` from decoded :class:`~apr_numba.quants.layouts.Codes` (NumPy;
+float types, aprender's own, and the reference ``pack_raw`` is tested against).
 
 Why interleave: Numba promotes small integers to int64 and cannot be told which loop to vectorize,
 so a per-row dot product over 32-value blocks becomes scalar code (measured here: ~1.5 GMAC/s per
