@@ -38,7 +38,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from apr_numba.kernels.embed import f16_to_f32
 from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5, Codes
@@ -183,17 +183,19 @@ __all__ = ["LANES", "PackedMatrix", "pack", "pack_raw", "q5_layout", "u5_words",
            "FAMILY_F32", "FAMILY_I8", "FAMILY_U4", "FAMILY_U5"]
 
 
-# -- fast path: pack raw GGML blocks straight into the interleaved layout (Numba, parallel) ------------
+# -- fast path: pack raw GGML blocks straight into the interleaved layout (Numba) -----------------------
+# Serial and nogil: the loader packs tensors side by side on threads (apr_numba.model.weights). A prange here
+# cost ~8 ms a call on 2 busy vCPUs (waking TBB workers; qwen2.5 has ~130 such tensors) and cold-compile time.
 # For the 32-value block types the kernel layout is the block's own byte order (U5: the 5-bit codes regrouped
 # into 16-bit words), so packing is a gather plus float16 -> float32 scales; the K-quants and IQ4 types are
 # decoded block by block (pack_kquants). Bitwise equal to pack(decode_codes(...)) (tested).
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def _pack_b32(raw, ts, qoff, kind, q, s, m):
     """raw (rows, nb*ts) uint8 -> q (G, nb, k, LANES), s/m (G, nb, LANES). kind: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0."""
     rows = raw.shape[0]
     G, nb, k, L = q.shape
-    for g in prange(G):
+    for g in range(G):
         for lane in range(L):
             r = g * L + lane
             if r >= rows:
@@ -220,7 +222,7 @@ def _pack_b32(raw, ts, qoff, kind, q, s, m):
                         q[g, b, j, lane] = raw[r, o + qoff + j]
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def _pack_q5_u5(raw, ts, has_m, q, s, m):
     """raw Q5_0 (has_m False) / Q5_1 blocks (rows, nb*ts) -> FAMILY_U5: q (G, nb, 11, 2*LANES) uint8 (uint16
     words), s, m (G, nb or 0, LANES)."""
@@ -228,7 +230,7 @@ def _pack_q5_u5(raw, ts, has_m, q, s, m):
     qw = q.view(np.uint16)
     G, nb, nw, L = qw.shape
     oh = 4 if has_m else 2  # qh (uint32), then qs[16]
-    for g in prange(G):
+    for g in range(G):
         for lane in range(L):
             r = g * L + lane
             if r >= rows:
