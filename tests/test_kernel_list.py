@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from numba import typed
 from gguf import GGMLQuantizationType as T
+from numba import typed
 
 from apr_numba.kernels.matmul import packed_tuple
 from apr_numba.model.weights import kernel_list
@@ -27,9 +27,9 @@ def test_same_arrays_same_type_as_python_appends():
         ref.append(x)
     assert got._numba_type_ == ref._numba_type_
     assert len(got) == len(tuples)
-    for a, b in zip(got, tuples):
+    for a, b in zip(got, tuples, strict=True):
         assert a[0] == b[0] and a[1] == b[1]
-        for x, y in zip(a[2:], b[2:]):
+        for x, y in zip(a[2:], b[2:], strict=True):
             assert np.shares_memory(x, y) or x.size == 0 and y.size == 0
             assert x.shape == y.shape and np.array_equal(x, y)
 

@@ -120,14 +120,12 @@ def pack_k_blocks(raw, ts, nspb, kind, kv, q, s, m):
                             a = np.int64(row[o + 64 * h + l])
                             a2 = np.int64(row[o + 64 * h + l + 32])
                             hb = np.int64(row[o + 128 + 32 * h + l])
-                            y = 128 * h + l
-                            q[g, sb + (y >> 4), y & 15, lane] = np.uint8(((a & 15) | ((hb & 3) << 4)) - 32 & 255)
-                            y += 32
-                            q[g, sb + (y >> 4), y & 15, lane] = np.uint8(((a2 & 15) | (((hb >> 2) & 3) << 4)) - 32 & 255)
-                            y += 32
-                            q[g, sb + (y >> 4), y & 15, lane] = np.uint8(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32 & 255)
-                            y += 32
-                            q[g, sb + (y >> 4), y & 15, lane] = np.uint8(((a2 >> 4) | (((hb >> 6) & 3) << 4)) - 32 & 255)
+                            for i in range(4):  # ggml's q1..q4: low / high nibble of ql[l] / ql[l + 32], qh bits 2i
+                                x = a2 if i & 1 else a
+                                nib = (x >> 4) if i >= 2 else (x & 15)
+                                y = 128 * h + 32 * i + l
+                                c = (nib | (((hb >> (2 * i)) & 3) << 4)) - 32
+                                q[g, sb + (y >> 4), y & 15, lane] = np.uint8(c & 255)
                 elif kind == K_Q2K or kind == K_Q3K:
                     if kind == K_Q2K:
                         d = f16_to_f32(row[o + 80], row[o + 81])
