@@ -11,7 +11,6 @@ A *source*: see :mod:`apr_numba.model.plan`.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -130,11 +129,15 @@ def _row_bytes(ggml_type: int, cols: int) -> int:
 
 
 def _pack_all(src, jobs: list, progress: bool) -> list[PackedMatrix]:
-    """Pack ``jobs`` (TensorSpecs) in order, on a small thread pool: the raw-block packers
-    (:func:`~apr_numba.quants.repack.pack_raw`) are ``nogil`` Numba, so tensors pack side by side, one per core."""
+    """Pack ``jobs`` (TensorSpecs) in order, on a thread pool of the kernel thread count (``numba.get_num_threads()``,
+    i.e. ``threads`` of :func:`~apr_numba.model.decoder.load`): the raw-block packers
+    (:func:`~apr_numba.quants.repack.pack_raw`) are serial ``nogil`` Numba, so tensors pack side by side, one per
+    core."""
     from concurrent.futures import ThreadPoolExecutor
 
-    workers = max(1, min(4, os.cpu_count() or 1))
+    import numba
+
+    workers = max(1, min(numba.get_num_threads(), len(jobs)))
     bar = None
     if progress:
         from tqdm import tqdm
