@@ -11,14 +11,12 @@ A *source*: see :mod:`apr_numba.model.plan`.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from numba import njit, typed
-from numba.core.errors import NumbaPendingDeprecationWarning
+from numba import typed
 
 from apr_numba.arch.spec import ArchSpec
 from apr_numba.errors import ModelFormatError
@@ -82,30 +80,6 @@ class ModelWeights:
                 self.post_ffn_norm, self.mats if self.experts is None else self.experts)
 
 
-@njit(cache=True)
-def _typed_list(items):
-    out = typed.List()
-    for x in items:
-        out.append(x)
-    return out
-
-
-def kernel_list(tuples: list) -> typed.List:
-    """A numba typed List of the kernel tuples ``(family, rows, q, s, m)`` (the same arrays, not copies), built
-    inside a cached compiled function: appending from Python compiles the typed list's methods in every new
-    process (~0.4-0.5 s on 2 vCPUs of an AMD EPYC, a third of qwen2.5's warm load), this loads from the cache
-    (~0.25 s). The argument is a reflected list (a Numba pending deprecation, hence the filter).
-
-    Raises:
-        ValueError: ``tuples`` is empty (a typed List needs an item type).
-    """
-    if not tuples:
-        raise ValueError("kernel_list: no matrices")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NumbaPendingDeprecationWarning)
-        return _typed_list(list(tuples))
-
-
 def _matrix(src, ts) -> PackedMatrix:
     t = plan.tensor(src, ts)
     data = src.data(ts.name)
@@ -162,7 +136,7 @@ def _pack_experts(src, spec: ArchSpec):
     An expert stack ``blk.N.ffn_{gate,up,down}_exps.weight`` (n_expert, rows, cols) stores expert e's rows
     contiguously (GGUF ne [cols, rows, n_expert]), so each expert packs on its own like a 2-D matrix.
     """
-    out = []
+    out = typed.List()
     E = spec.n_expert
     for layer in range(spec.hp.n_layer):
         b = spec.block_tensors(layer)
@@ -177,7 +151,7 @@ def _pack_experts(src, spec: ArchSpec):
         for s in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
             if hasattr(src, "release_tensor"):
                 src.release_tensor(b[s + ".weight"].name)
-    return kernel_list(out)
+    return out
 
 
 def _stack(src, spec: ArchSpec, suffix: str, width: int, on: bool) -> np.ndarray:
@@ -225,7 +199,9 @@ def load_weights(src, spec: ArchSpec, progress: bool = False) -> ModelWeights:
     output_norm = plan.vector(src, mt["output_norm.weight"])
     embd_raw = np.asarray(src.data("token_embd.weight")).reshape(cfg.n_vocab, -1)
 
-    mats = kernel_list([packed_tuple(pm) for pm in packed])
+    mats = typed.List()
+    for pm in packed:
+        mats.append(packed_tuple(pm))
     mix = Counter(t.type_name if hasattr(t, "type_name") else str(t.ggml_type) for t in src.tensors.values())
     return ModelWeights(cfg, mats, packed, attn_norm, ffn_norm, output_norm, bias, spec.qkv_bias, embd_raw,
                         int(emb.ggml_type), spec.tied_head, dict(mix), sum(pm.nbytes for pm in packed),
