@@ -78,3 +78,28 @@ def test_real_llama_cpp_blocks_pack_like_the_numpy_path(name, ty, raw, rows, col
 
 def test_real_samples_cover_every_k_type():
     assert {int(p.values[1]) for p in TENSORS} == {int(t) for t in K_TYPES}
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q5_K, T.Q8_0, T.Q4_1, T.Q5_0], ids=lambda t: t.name)
+def test_one_matrix_split_over_threads_packs_the_same(qtype, monkeypatch):
+    """A matrix over SPLIT_BYTES is packed in chunks of row groups on threads: same arrays as one call (which
+    the tests above compare with the NumPy path), with a partial last group."""
+    from apr_numba.quants import repack
+
+    rows, cols = 64 * 5 + 7, 512
+    raw = random_blocks(qtype, rows, cols, np.random.default_rng(9))
+    one = pack_raw(int(qtype), raw, (rows, cols))
+    monkeypatch.setattr(repack, "SPLIT_BYTES", raw.nbytes // 4)  # -> min(threads, G, 5) = 3 chunks
+    name = {T.Q8_0: "_pack_b32", T.Q4_1: "_pack_b32", T.Q5_0: "_pack_q5_u5"}.get(qtype, "pack_k_blocks")
+    kernel, calls = getattr(repack, name), []
+
+    def counted(raw2, *args):
+        calls.append(raw2.shape[0])
+        return kernel(raw2, *args)
+
+    monkeypatch.setattr(repack, name, counted)
+    split = pack_raw(int(qtype), raw, (rows, cols), threads=3)
+    assert sorted(calls) == [64 + 7, 64 * 2, 64 * 2], calls  # rows of each chunk: 6 row groups in 3
+    for a in ("q", "s", "m"):
+        assert np.array_equal(getattr(split, a).view(np.uint8), getattr(one, a).view(np.uint8)), (qtype.name, a)
+    assert np.array_equal(split.dequantize(), quants.dequantize(raw, qtype).reshape(rows, cols))
