@@ -11,7 +11,6 @@ A *source*: see :mod:`apr_numba.model.plan`.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,18 +79,19 @@ class ModelWeights:
                 self.post_ffn_norm, self.mats if self.experts is None else self.experts)
 
 
-def _matrix(src, ts) -> PackedMatrix:
+def _matrix(src, ts, threads: int = 1) -> PackedMatrix:
     t = plan.tensor(src, ts)
     data = src.data(ts.name)
     try:
-        return _pack_tensor(src, ts.name, t, data, ts.shape)
+        return _pack_tensor(src, ts.name, t, data, ts.shape, threads)
     finally:
         if hasattr(src, "release_tensor") and ts.name != "token_embd.weight":
             src.release_tensor(ts.name)  # packed now: the file's pages need not stay resident (peak RSS)
 
 
-def _pack_tensor(src, name: str, t, data, shape: tuple[int, int]) -> PackedMatrix:
-    fast = pack_raw(t.ggml_type, data, shape) if data.size == shape[0] * _row_bytes(t.ggml_type, shape[1]) else None
+def _pack_tensor(src, name: str, t, data, shape: tuple[int, int], threads: int = 1) -> PackedMatrix:
+    ok = data.size == shape[0] * _row_bytes(t.ggml_type, shape[1])
+    fast = pack_raw(t.ggml_type, data, shape, threads=threads) if ok else None
     return fast if fast is not None else pack(decode_codes(t.ggml_type, data, shape, f"{src.path}: {name}"))
 
 
@@ -103,11 +103,15 @@ def _row_bytes(ggml_type: int, cols: int) -> int:
 
 
 def _pack_all(src, jobs: list, progress: bool) -> list[PackedMatrix]:
-    """Decode and pack ``jobs`` (TensorSpecs) in order, on a small thread pool (NumPy releases the GIL
-    in the array operations, so packing scales with cores; measured ~2x on 2 cores for qwen2)."""
+    """Pack ``jobs`` (TensorSpecs) in order, on a thread pool of the kernel thread count (``numba.get_num_threads()``,
+    i.e. ``threads`` of :func:`~apr_numba.model.decoder.load`): the raw-block packers
+    (:func:`~apr_numba.quants.repack.pack_raw`) are serial ``nogil`` Numba, so tensors pack side by side, one per
+    core."""
     from concurrent.futures import ThreadPoolExecutor
 
-    workers = max(1, min(4, os.cpu_count() or 1))
+    import numba
+
+    workers = max(1, min(numba.get_num_threads(), len(jobs)))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -116,7 +120,7 @@ def _pack_all(src, jobs: list, progress: bool) -> list[PackedMatrix]:
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].shape[0] * jobs[i].shape[1])  # biggest first
     out: list[PackedMatrix | None] = [None] * len(jobs)
     with ThreadPoolExecutor(workers) as pool:
-        futs = {pool.submit(_matrix, src, jobs[i]): i for i in order}
+        futs = {pool.submit(_matrix, src, jobs[i], workers): i for i in order}
         for fut, i in futs.items():
             out[i] = fut.result()
             if bar is not None:

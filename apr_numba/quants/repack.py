@@ -1,4 +1,6 @@
-"""Repack decoded :class:`~apr_numba.quants.layouts.Codes` into the row-interleaved kernel layout.
+"""Repack weights into the row-interleaved kernel layout: :func:`pack_raw` from the raw GGML blocks (Numba; what the
+loader runs for every quantized type), :func:`pack` from decoded :class:`~apr_numba.quants.layouts.Codes` (NumPy;
+float types, aprender's own, and the reference ``pack_raw`` is tested against).
 
 Why interleave: Numba promotes small integers to int64 and cannot be told which loop to vectorize,
 so a per-row dot product over 32-value blocks becomes scalar code (measured here: ~1.5 GMAC/s per
@@ -36,10 +38,11 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from apr_numba.kernels.embed import f16_to_f32
 from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5, Codes
+from apr_numba.quants.pack_kquants import K_Q5K_I8, K_Q5K_U5, KSPEC, KV_IQ4, family_of, pack_k_blocks
 
 LANES = 64
 Q5_TYPES = (6, 7)  # GGML Q5_0, Q5_1 (raw blocks packed by pack_raw)
@@ -180,17 +183,19 @@ __all__ = ["LANES", "PackedMatrix", "pack", "pack_raw", "q5_layout", "u5_words",
            "FAMILY_F32", "FAMILY_I8", "FAMILY_U4", "FAMILY_U5"]
 
 
-# -- fast path: pack raw GGML blocks straight into the interleaved layout (Numba, parallel) ------------
+# -- fast path: pack raw GGML blocks straight into the interleaved layout (Numba) -----------------------
+# Serial and nogil: the loader packs tensors side by side on threads (apr_numba.model.weights). A prange here
+# cost ~8 ms a call on 2 busy vCPUs (waking TBB workers; qwen2.5 has ~130 such tensors) and cold-compile time.
 # For the 32-value block types the kernel layout is the block's own byte order (U5: the 5-bit codes regrouped
-# into 16-bit words), so packing is a gather plus float16 -> float32 scales; bitwise equal to
-# pack(decode_codes(...)) (tested).
+# into 16-bit words), so packing is a gather plus float16 -> float32 scales; the K-quants and IQ4 types are
+# decoded block by block (pack_kquants). Bitwise equal to pack(decode_codes(...)) (tested).
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def _pack_b32(raw, ts, qoff, kind, q, s, m):
     """raw (rows, nb*ts) uint8 -> q (G, nb, k, LANES), s/m (G, nb, LANES). kind: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0."""
     rows = raw.shape[0]
     G, nb, k, L = q.shape
-    for g in prange(G):
+    for g in range(G):
         for lane in range(L):
             r = g * L + lane
             if r >= rows:
@@ -217,7 +222,7 @@ def _pack_b32(raw, ts, qoff, kind, q, s, m):
                         q[g, b, j, lane] = raw[r, o + qoff + j]
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def _pack_q5_u5(raw, ts, has_m, q, s, m):
     """raw Q5_0 (has_m False) / Q5_1 blocks (rows, nb*ts) -> FAMILY_U5: q (G, nb, 11, 2*LANES) uint8 (uint16
     words), s, m (G, nb or 0, LANES)."""
@@ -225,7 +230,7 @@ def _pack_q5_u5(raw, ts, has_m, q, s, m):
     qw = q.view(np.uint16)
     G, nb, nw, L = qw.shape
     oh = 4 if has_m else 2  # qh (uint32), then qs[16]
-    for g in prange(G):
+    for g in range(G):
         for lane in range(L):
             r = g * L + lane
             if r >= rows:
@@ -252,30 +257,82 @@ _FAST = {int(T8): spec for T8, spec in ((8, (34, 2, 0, 32, False)), (2, (18, 2, 
                                           (3, (20, 4, 2, 16, True)), (6, (22, 6, 3, 32, False)))}
 
 
-def pack_raw(ggml_type: int, raw: np.ndarray, shape: tuple[int, int], q5: str | None = None) -> PackedMatrix | None:
-    """Pack raw Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks (rows, row_bytes) directly, as :func:`pack` would
-    (``q5`` as there); None for other types (and Q5_1 with the I8 layout)."""
+SPLIT_BYTES = 32 << 20  # raw bytes above which pack_raw(threads > 1) packs one matrix on several threads
+
+
+def _launch(kernel, raw2: np.ndarray, args: tuple, q: np.ndarray, s: np.ndarray, m: np.ndarray, threads: int) -> None:
+    """``kernel(raw2, *args, q, s, m)``; a matrix over :data:`SPLIT_BYTES` in up to ``threads`` chunks of row groups
+    on threads (the kernels are serial and nogil, and a chunk is the same C-contiguous array type). Without this
+    a big LM head alone on one core is the end of the load (gemma3's 262k x 640 Q8_0: 0.61 s against 0.29 s)."""
+    G = q.shape[0]
+    n = min(int(threads), G, raw2.nbytes // SPLIT_BYTES + 1)
+    if n <= 1:
+        kernel(raw2, *args, q, s, m)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuts = [G * i // n for i in range(n + 1)]
+    with ThreadPoolExecutor(n, thread_name_prefix="apr-pack-rows") as ex:
+        futs = [ex.submit(kernel, raw2[a * LANES:b * LANES], *args, q[a:b], s[a:b], m[a:b])
+                for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        for f in futs:
+            f.result()
+
+
+def pack_raw(ggml_type: int, raw: np.ndarray, shape: tuple[int, int], q5: str | None = None,
+             threads: int = 1) -> PackedMatrix | None:
+    """Pack the raw GGML blocks of a (rows, cols) matrix straight into a :class:`PackedMatrix`, bit for bit as
+    ``pack(decode_codes(...))`` would (``q5`` as there), in parallel Numba: Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1
+    here, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS in :mod:`apr_numba.quants.pack_kquants`.
+
+    Args:
+        raw: uint8 with ``rows * row_bytes`` elements, any shape (a read-only memory map is fine).
+        threads: threads one matrix over :data:`SPLIT_BYTES` may be packed on (the loader passes its pool size).
+
+    Returns:
+        the packed matrix, or None for the other types (F32 / F16 / BF16, aprender's own), which go through
+        :func:`pack`.
+    """
     rows, cols = shape
-    if int(ggml_type) in Q5_TYPES and q5_layout(q5) == "u5":
-        has_m = int(ggml_type) == 7
+    t = int(ggml_type)
+    G = -(-rows // LANES)
+    if t in Q5_TYPES and q5_layout(q5) == "u5":
+        has_m = t == 7
         nb = cols // 32
-        G = -(-rows // LANES)
         raw2 = np.asarray(raw).reshape(rows, nb * (24 if has_m else 22))
         q = np.zeros((G, nb, U5_WORDS, 2 * LANES), np.uint8)
         s = np.zeros((G, nb, LANES), np.float32)
         m = np.zeros((G, nb if has_m else 0, LANES), np.float32)
-        _pack_q5_u5(raw2, 24 if has_m else 22, has_m, q, s, m)
-        return PackedMatrix(FAMILY_U5, int(ggml_type), rows, cols, 32, q, s, m)
-    spec = _FAST.get(int(ggml_type))
+        _launch(_pack_q5_u5, raw2, (24 if has_m else 22, has_m), q, s, m, threads)
+        return PackedMatrix(FAMILY_U5, t, rows, cols, 32, q, s, m)
+    if t in KSPEC:
+        return _pack_k(t, raw, rows, cols, G, q5, threads)
+    spec = _FAST.get(t)
     if spec is None:
         return None
     ts, qoff, kind, k, has_m = spec
     nb = cols // 32
-    G = -(-rows // LANES)
     raw2 = np.asarray(raw).reshape(rows, nb * ts)
     q = np.zeros((G, nb, k, LANES), np.uint8)
     s = np.zeros((G, nb, LANES), np.float32)
     m = np.zeros((G, nb if has_m else 0, LANES), np.float32)
-    _pack_b32(raw2, ts, qoff, kind, q, s, m)
+    _launch(_pack_b32, raw2, (ts, qoff, kind), q, s, m, threads)
     family = FAMILY_U4 if kind in (1, 2) else FAMILY_I8
-    return PackedMatrix(family, int(ggml_type), rows, cols, 32, q, s, m)
+    return PackedMatrix(family, t, rows, cols, 32, q, s, m)
+
+
+def _pack_k(t: int, raw: np.ndarray, rows: int, cols: int, G: int, q5: str | None, threads: int) -> PackedMatrix:
+    """K-quant / IQ4 blocks -> PackedMatrix through :func:`~apr_numba.quants.pack_kquants.pack_k_blocks`."""
+    bs, ts, nspb, kind, has_m = KSPEC[t]
+    if kind == K_Q5K_I8 and q5_layout(q5) == "u5":
+        kind = K_Q5K_U5
+    group = bs // nspb
+    nsub = cols // group
+    raw2 = np.asarray(raw).reshape(rows, cols // bs * ts)
+    family = family_of(kind)
+    k = 16 if family == FAMILY_U4 else group
+    q = np.zeros((G, nsub, U5_WORDS, 2 * LANES) if family == FAMILY_U5 else (G, nsub, k, LANES), np.uint8)
+    s = np.zeros((G, nsub, LANES), np.float32)
+    m = np.zeros((G, nsub if has_m else 0, LANES), np.float32)
+    _launch(pack_k_blocks, raw2, (ts, nspb, kind, KV_IQ4), q, s, m, threads)
+    return PackedMatrix(family, t, rows, cols, group, q, s, m)
