@@ -4,15 +4,15 @@ On an empty kernel cache, Numba compiles ``cpu_forward.forward`` and every kerne
 one after another (~40 s of CPU on the AMD EPYC here, measured with compile events: the matrix products
 ``matmul_auto`` ~15 s, the attention kernels ~8 s, the embedding ~3 s, the forward's own code ~7 s). The
 kernels are independent of each other, so :func:`start` launches one background process
-(``python -m apr_numba.kernels.precompile matmul``) that compiles the products into the cache while this
-process opens and packs the model and compiles the attention, embedding and RoPE kernels
+(``python -m apr_numba.kernels.precompile matmul``) that compiles the tile products into the cache while
+this process packs the model and compiles the BLAS product and the attention, embedding and RoPE kernels
 (:func:`finish`); once both are done the forward's own compile loads them from the cache.
 
-The signatures below are the ones the forward calls its kernels with (the packed-matrix tuple is one type
-for every quant family, so they do not depend on the model). Should they drift from the forward's, the
-only cost is a compile the forward repeats itself: ``tests/test_warmup.py`` checks that each one is among
-the signatures a forward run compiles. Nothing happens when the cache is warm, on one core, or with
-``APR_NUMBA_PARALLEL_COMPILE=0``.
+The signatures below are the ones the forward calls its kernels with (the packed-matrix tuple is one type for
+every quant family, so they do not depend on the model). Should they drift from the forward's, the only cost
+is a compile the forward repeats itself: ``tests/test_wheel.py`` checks, after a fresh venv's cold start, that
+Numba's cache index of each kernel holds exactly these signatures. Nothing happens when the cache is warm, on
+one core, or with ``APR_NUMBA_PARALLEL_COMPILE=0``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from pathlib import Path
 
 __all__ = ["GROUPS", "cache_is_warm", "compile_group", "finish", "signatures", "start"]
 
-# which kernels each process compiles: the background one takes the products, this one the rest
-GROUPS = {"matmul": ("matmul_auto",), "local": ("embed_tokens", "attention", "attention_blas", "store_kv",
-                                                "rope_inplace", "rmsnorm", "rmsnorm_heads")}
+# which kernels each process compiles: the background one the tile products (~10 s) and matmul_auto over
+# them, this one the BLAS product first (~3 s, so it is in the cache before the background's matmul_auto
+# needs it), then the attention, embedding, RoPE and norm kernels (~11 s)
+GROUPS = {"matmul": ("matmul3", "matmul3_serial", "matmul_auto"),
+          "local": ("matmul_blas3", "embed_tokens", "attention", "attention_blas", "store_kv", "rope_inplace",
+                    "rmsnorm", "rmsnorm_heads")}
 WAIT_S = 900
 
 
@@ -39,11 +42,15 @@ def signatures() -> dict[str, list[tuple]]:
     f32 = [None] + [nt.Array(nt.float32, n, "C") for n in (1, 2, 3, 4)]
     i64 = nt.int64
     packed = nt.Tuple((i64, i64, nt.Array(nt.uint8, 4, "C"), f32[3], f32[3]))
+    mm = (f32[2], f32[2], packed, packed, packed, i64)  # out, X, three matrices, n_mats
     i64a = nt.Array(nt.int64, 1, "C")  # per-token positions / sequences, a layer's fault flags
     att = (f32[2], f32[2], f32[4], f32[4], i64, i64a, i64a, i64a, i64, i64, i64, i64, i64a, f32[3], f32[3])
     att_blas = (f32[2], f32[2], f32[3], f32[3], i64, i64, i64, i64, i64, i64, i64a, f32[3], f32[3])
     return {
-        "matmul_auto": [(matmul.matmul_auto, (f32[2], f32[2], packed, packed, packed, i64))],
+        "matmul3": [(matmul.matmul3, mm)],
+        "matmul3_serial": [(matmul.matmul3_serial, mm)],
+        "matmul_blas3": [(matmul.matmul_blas3, mm)],
+        "matmul_auto": [(matmul.matmul_auto, mm)],
         "embed_tokens": [(embed.embed_tokens, (f32[2], nt.Array(nt.uint8, 2, "C", readonly=True),
                                                nt.Array(nt.int64, 1, "C"), i64))],
         "attention": [(attention.attention, att)],
