@@ -83,55 +83,82 @@ def _greedy_llama(llm, ids, n):
     return out
 
 
-def compare(name: str, threads: int, n_prompt: int, n_gen: int, reps: int, prompt: str) -> dict:
-    """Run both engines on one model; returns a dict of rates, ratios and greedy outputs."""
+def _load(name: str, threads: int, n_ctx: int, activations: str):
+    """apr-numba's model with its matrices packed for ``activations`` (f32 or int8: quants/vnni_pack.py)."""
+    import os
+
     import apr_numba
+    from apr_numba.quants.vnni_pack import ACTIVATIONS_ENV
+
+    old = os.environ.get(ACTIVATIONS_ENV)
+    os.environ[ACTIVATIONS_ENV] = activations
+    try:
+        return apr_numba.load(name, threads=threads, n_ctx=n_ctx)
+    finally:
+        os.environ.pop(ACTIVATIONS_ENV) if old is None else os.environ.__setitem__(ACTIVATIONS_ENV, old)
+
+
+def _greedy_apr(model, ids, n):
+    model.reset()
+    logits = model.eval(ids)[-1]
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(logits))
+        out.append(t)
+        logits = model.eval([t])[-1]
+    model.reset()
+    return out
+
+
+def compare(name: str, threads: int, n_prompt: int, n_gen: int, reps: int, prompt: str,
+            modes: tuple[str, ...] = ("f32",)) -> dict:
+    """Run llama.cpp and apr-numba (once per activation mode in ``modes``) on one model; returns a dict of
+    rates, ratios (apr-numba / llama.cpp) and greedy outputs."""
     from apr_numba import runtime as config
 
     n_ctx = max(n_prompt, n_gen + 1) + 64
-    model = apr_numba.load(name, threads=threads, n_ctx=n_ctx)
+    models = {m: _load(name, threads, n_ctx, m) for m in modes}
+    model = models[modes[0]]
     llm = _llama(str(model.path), threads, n_ctx)
     rng = np.random.default_rng(0)
     toks = rng.integers(100, model.config.n_vocab - 100, n_prompt)
     tok = int(toks[0])
-    state = model.new_state()
-    # warm-up both
-    _apr_pp(model, state, toks[:16])
+    states = {m: models[m].new_state() for m in modes}
+    # warm-up all
+    for m in modes:
+        _apr_pp(models[m], states[m], toks[:16])
     _ll_pp(llm, toks[:16])
-    rates: dict[str, list[float]] = {"apr_pp": [], "ll_pp": [], "apr_tg": [], "ll_tg": []}
+    runs = [("ll_pp", lambda: _ll_pp(llm, toks)), ("ll_tg", lambda: _ll_tg(llm, tok, n_gen))]
+    for m in modes:
+        runs += [(f"apr_pp_{m}", lambda m=m: _apr_pp(models[m], states[m], toks)),
+                 (f"apr_tg_{m}", lambda m=m: _apr_tg(models[m], states[m], tok, n_gen))]
+    rates: dict[str, list[float]] = {k: [] for k, _ in runs}
     for _ in range(reps):
         # a pause before each run: llama.cpp's worker threads spin for a while after a graph finishes, and a
         # run started during that time would be measured against a busy core (and vice versa)
-        for key, fn in (("apr_pp", lambda: _apr_pp(model, state, toks)), ("ll_pp", lambda: _ll_pp(llm, toks)),
-                         ("apr_tg", lambda: _apr_tg(model, state, tok, n_gen)),
-                         ("ll_tg", lambda: _ll_tg(llm, tok, n_gen))):
+        for key, fn in runs:
             time.sleep(SETTLE_S)
             rates[key].append(fn())
     stats = {k: (statistics.mean(v), statistics.pstdev(v)) for k, v in rates.items()}
     ids = model.encode(prompt)
-    model.reset()
-    logits = model.eval(ids)[-1]
-    apr_ids = []
-    for _ in range(24):
-        t = int(np.argmax(logits))
-        apr_ids.append(t)
-        logits = model.eval([t])[-1]
-    model.reset()
     ll_ids = _greedy_llama(llm, ids, 24)
-    return {
-        "model": name, "threads": threads, "threading_layer": config.threading_layer(),
-        f"pp{n_prompt}": {"apr": stats["apr_pp"], "llama.cpp": stats["ll_pp"],
-                          "ratio": stats["apr_pp"][0] / stats["ll_pp"][0],
-                          "best_ratio": max(rates["apr_pp"]) / max(rates["ll_pp"]),
-                          "reps": {"apr": rates["apr_pp"], "llama.cpp": rates["ll_pp"]}},
-        f"tg{n_gen}": {"apr": stats["apr_tg"], "llama.cpp": stats["ll_tg"],
-                       "ratio": stats["apr_tg"][0] / stats["ll_tg"][0],
-                       "best_ratio": max(rates["apr_tg"]) / max(rates["ll_tg"]),
-                       "reps": {"apr": rates["apr_tg"], "llama.cpp": rates["ll_tg"]}},
-        "cpu": cpu_model(), "load_average": load_average(),
-        "greedy": {"prompt": prompt, "apr": model.decode(apr_ids), "llama.cpp": model.decode(ll_ids),
-                   "same_ids": apr_ids == ll_ids},
-    }
+    out = {"model": name, "threads": threads, "threading_layer": config.threading_layer(), "cpu": cpu_model(),
+           "load_average": load_average(), "modes": list(modes), "greedy": {"prompt": prompt,
+           "llama.cpp": model.decode(ll_ids)}}
+    for test, n in ((f"pp{n_prompt}", "pp"), (f"tg{n_gen}", "tg")):
+        d = {"llama.cpp": stats[f"ll_{n}"], "reps": {"llama.cpp": rates[f"ll_{n}"]}}
+        for m in modes:
+            a = rates[f"apr_{n}_{m}"]
+            d[f"apr_{m}"] = stats[f"apr_{n}_{m}"]
+            d[f"ratio_{m}"] = stats[f"apr_{n}_{m}"][0] / stats[f"ll_{n}"][0]
+            d[f"best_ratio_{m}"] = max(a) / max(rates[f"ll_{n}"])
+            d["reps"][f"apr_{m}"] = a
+        out[test] = d
+    for m in modes:
+        apr_ids = _greedy_apr(models[m], ids, 24)
+        out["greedy"][f"apr_{m}"] = models[m].decode(apr_ids)
+        out["greedy"][f"same_ids_{m}"] = apr_ids == ll_ids
+    return out
 
 
 def main(argv=None) -> int:
@@ -143,19 +170,26 @@ def main(argv=None) -> int:
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--activations", default="f32,int8",
+                    help="apr-numba activation modes to run, comma-separated (f32: exact; int8: llama.cpp's scheme)")
     a = ap.parse_args(argv)
+    modes = tuple(x.strip() for x in a.activations.split(",") if x.strip())
     results = []
     for name in a.models:
-        r = compare(name, a.threads, a.n_prompt, a.n_gen, a.reps, a.prompt)
+        r = compare(name, a.threads, a.n_prompt, a.n_gen, a.reps, a.prompt, modes)
         results.append(r)
         print(f"\n{name}  threads={r['threads']} ({r['threading_layer']}); CPU {r['cpu']}; load average "
               f"{r['load_average']}")
         for test in (f"pp{a.n_prompt}", f"tg{a.n_gen}"):
             d = r[test]
-            print(f"  {test:>6}: apr-numba {d['apr'][0]:8.2f} ± {d['apr'][1]:5.2f}   llama.cpp {d['llama.cpp'][0]:8.2f}"
-                  f" ± {d['llama.cpp'][1]:5.2f}   ratio {d['ratio']:.2f} (of the bests {d['best_ratio']:.2f})")
+            for m in modes:
+                print(f"  {test:>6}: apr-numba[{m:>4}] {d[f'apr_{m}'][0]:8.2f} ± {d[f'apr_{m}'][1]:5.2f}   llama.cpp "
+                      f"{d['llama.cpp'][0]:8.2f} ± {d['llama.cpp'][1]:5.2f}   ratio {d[f'ratio_{m}']:.2f} "
+                      f"(of the bests {d[f'best_ratio_{m}']:.2f})")
         g = r["greedy"]
-        print(f"  greedy apr-numba: {g['apr']!r}\n  greedy llama.cpp: {g['llama.cpp']!r}  (same ids: {g['same_ids']})")
+        print(f"  greedy llama.cpp: {g['llama.cpp']!r}")
+        for m in modes:
+            print(f"  greedy apr-numba[{m}]: {g[f'apr_{m}']!r}  (same ids: {g[f'same_ids_{m}']})")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=1)

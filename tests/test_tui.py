@@ -97,9 +97,9 @@ async def _generate_stop_bisect_save_quit(tmp_path):
 
         # the shadow never held the generation up; now idle, it catches up and fills the per-layer cosines
         await wait_for(lambda: app.parity is not None and app.parity.token is not None, timeout=300)
-        await pilot.pause()
+        # the cells redraw on the dashboard's timer (refresh_hz): wait for the redraw of the latest parity
+        await wait_for(lambda: f"position {app.parity.position}" in screen_text(cells), timeout=10)
         shown = screen_text(cells)
-        assert f"position {app.parity.position}" in shown
         assert "1-" in shown or "0.9" in shown  # cosine cells with values
         assert all(c > 0.999 for c in app.parity.cosines), app.parity.cosines
 

@@ -233,7 +233,7 @@ def test_cold_start_compiled_the_products_in_a_second_process(venv):
 
     folder = Path(venv["env"]["NUMBA_CACHE_DIR"])
     files = {"matmul_auto": "matmul.matmul_auto", "matmul3": "matmul._matmul3",
-             "matmul3_serial": "matmul._matmul3_serial", "matmul_blas3": "matmul.matmul_blas3",
+             "matmul3_serial": "matmul._matmul3_serial", "matmul_blas3": "matmul_blas.matmul_blas3",
              "embed_tokens": "embed.embed_tokens",
              "attention": "attention.attention", "attention_blas": "attention.attention_blas",
              "store_kv": "attention.store_kv", "rope_inplace": "rope.rope_inplace", "rmsnorm": "norm.rmsnorm",

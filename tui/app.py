@@ -19,6 +19,7 @@ from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.widgets import Footer, Header, Static
 from textual.worker import Worker, WorkerState, get_current_worker
@@ -182,6 +183,13 @@ class Dashboard(DashboardActions, App):
             return
         self._last_flush = now
         dirty, self._dirty = self._dirty, set()
+        try:
+            self._redraw(dirty)
+        except NoMatches:  # the main screen is covered (help) or being torn down: redraw once it is back
+            self._dirty |= dirty
+
+    def _redraw(self, dirty: set[str]) -> None:
+        """Redraw the named panels on the main screen; raises ``NoMatches`` while another screen is on top."""
         if "output" in dirty:
             note = ""
             if self.result is not None:

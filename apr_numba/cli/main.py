@@ -98,7 +98,15 @@ def _read_prompt(a) -> str:
     return prompt
 
 
+def _add_activation_arg(p) -> None:
+    p.add_argument("--activations", choices=("f32", "int8"), default=None,
+                   help="CPU products: f32 keeps activations in float32 (exact); int8 quantizes them to blocks of "
+                        "32 as llama.cpp does (AVX-512 VNNI dot products: faster, logits cosine ~1-1e-5) "
+                        "(default: $APR_NUMBA_ACTIVATIONS, else f32)")
+
+
 def _add_backend_args(p) -> None:
+    _add_activation_arg(p)
     p.add_argument("--backend", choices=("auto", "cpu", "opencl"), default="auto",
                    help="auto: OpenCL on a GPU that passes the parity gate, else CPU")
     p.add_argument("--no-gpu", "--cpu", dest="no_gpu", action="store_true",
@@ -231,6 +239,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--n-ctx", type=int, default=None)
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth roofline")
     p.add_argument("--json", action="store_true")
+    _add_activation_arg(p)
 
 
 def _cmd_bench(a) -> int:
@@ -331,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.verbose = verbose
+    if getattr(args, "activations", None):  # read where the matrices are packed (quants/vnni_pack.py)
+        from apr_numba.quants.vnni_pack import ACTIVATIONS_ENV
+
+        os.environ[ACTIVATIONS_ENV] = args.activations
     try:
         return COMMANDS[args.cmd][1](args)
     except AprError as exc:

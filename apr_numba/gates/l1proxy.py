@@ -54,6 +54,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from apr_numba.quants.blocks import FAMILY_I8V, FAMILY_U4V, FAMILY_U5V
 from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5
 
 LANES = 64
@@ -311,7 +312,8 @@ class KernelShape(NamedTuple):
     @classmethod
     def of(cls, obj) -> KernelShape:
         """From a KernelShape, a :class:`~apr_numba.quants.repack.PackedMatrix` or a kernel tuple
-        (family, rows, q, s, m)."""
+        (family, rows, q, s, m). The int8-activation families (U4V, I8V, U5V) count as U4 / I8 / U5 (about the
+        same bytes)."""
         if isinstance(obj, KernelShape):
             return obj
         if hasattr(obj, "family") and hasattr(obj, "q"):
@@ -320,9 +322,11 @@ class KernelShape(NamedTuple):
             fam, rows, q, s, m = obj
             cols = None
         fam, rows = int(fam), int(rows)
+        v5 = fam == FAMILY_U5V
+        fam = {FAMILY_U4V: FAMILY_U4, FAMILY_I8V: FAMILY_I8, FAMILY_U5V: FAMILY_U5}.get(fam, fam)  # ~ same bytes
         if fam == FAMILY_F32:
             return cls(fam, rows, int(s.shape[1]), 1, False)
-        k = int(q.shape[2])
+        k = 11 if v5 else int(q.shape[2])  # U5V: 20 bytes per lane and block, counted as U5's 11 words (22)
         nsub = int(q.shape[1])
         c = nsub * (2 * k if fam == FAMILY_U4 else 32 if fam == FAMILY_U5 else k)
         return cls(fam, rows, int(cols) if cols is not None else c, k, bool(m.shape[1] > 0))

@@ -15,6 +15,8 @@ import numpy as np
 from numba import njit
 
 from apr_numba.kernels.matmul import _group_dot
+from apr_numba.kernels.vnni import group_dot_q8, quantize_x8
+from apr_numba.quants.blocks import FAMILY_U4V
 from apr_numba.runtime import FASTMATH
 
 
@@ -30,6 +32,22 @@ def serial_matvec(out, x, w, reps):
     acc = np.empty(L, np.float32)
     blk = np.empty(L, np.float32)
     G = q.shape[0]
+    if fam >= FAMILY_U4V:  # int8 activations (kernels/vnni.py), quantized as matmul3 does
+        C = x.shape[0]
+        X = x.reshape((1, C))
+        XW = np.empty((1, C // 4), np.int32)
+        DX = np.empty((1, C // 32), np.float32)
+        XS = np.empty((1, C // 16), np.float32)
+        XI = np.empty((1, C // 16), np.int32)
+        acc4 = np.empty((4, L), np.float32)
+        isum = np.empty(4 * L, np.int32)
+        for _ in range(reps):
+            quantize_x8(X, XW, DX, XS, XI)
+            for g in range(G):
+                group_dot_q8(fam, q, s, m, g, XW, DX, XS, XI, 0, 1, acc4, isum)
+                for lane in range(min(L, rows - g * L)):
+                    out[g * L + lane] = acc4[0, lane]
+        return
     for _ in range(reps):
         for g in range(G):
             _group_dot(fam, q, s, m, g, x, acc, blk)

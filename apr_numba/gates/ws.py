@@ -37,6 +37,7 @@ def minimal_model(model, n_ctx: int = 64):
     from apr_numba.model.decoder import LoadStats, Model
     from apr_numba.model.hparams import ModelConfig
     from apr_numba.model.weights import LAYER_MATS, ModelWeights
+    from apr_numba.quants.blocks import FAMILY_U4V, FAMILY_U5V
     from apr_numba.quants.layouts import FAMILY_F32, FAMILY_U4, FAMILY_U5
     from apr_numba.quants.repack import LANES, PackedMatrix
 
@@ -56,7 +57,7 @@ def minimal_model(model, n_ctx: int = 64):
             return PackedMatrix(FAMILY_F32, pm.ggml_type, rows, cols, 1, np.zeros((G, 0, 0, LANES), np.uint8), s,
                                 np.zeros((G, 0, LANES), np.float32))
         k = pm.q.shape[2]
-        vals = 2 * k if pm.family == FAMILY_U4 else 32 if pm.family == FAMILY_U5 else k
+        vals = 2 * k if pm.family in (FAMILY_U4, FAMILY_U4V) else 32 if pm.family in (FAMILY_U5, FAMILY_U5V) else k
         nsub = cols // vals
         q = rng.integers(0, 256, (G, nsub) + pm.q.shape[2:], dtype=np.uint8)  # U5: (k, 2 * LANES) byte rows
         s = np.full((G, nsub, LANES), 1e-3, np.float32)

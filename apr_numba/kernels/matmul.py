@@ -20,6 +20,14 @@ import numpy as np
 from numba import njit, prange
 from numba.typed import List
 
+from apr_numba.kernels.matmul_blas import (  # noqa: F401 (re-exported: one place to import products from)
+    BLAS_CHUNK_GROUPS,
+    BLAS_MIN_T,
+    dequant_rows,
+    matmul_blas3,
+)
+from apr_numba.kernels.vnni import group_dot_q8, quantize_x8
+from apr_numba.quants.blocks import FAMILY_U4V
 from apr_numba.quants.layouts import FAMILY_I8, FAMILY_U4, FAMILY_U5
 from apr_numba.runtime import FASTMATH, clone_function
 
@@ -289,6 +297,15 @@ def _matmul3(out, X, w0, w1, w2, n_mats):
     R0 = w0[1]
     R1 = w1[1] if n_mats > 1 else 0
     L = w0[3].shape[2]
+    # int8 activations for the VNNI families (kernels/vnni.py): quantized once, shared by the matrices
+    q8 = (w0[0] >= FAMILY_U4V) or (n_mats > 1 and w1[0] >= FAMILY_U4V) or (n_mats > 2 and w2[0] >= FAMILY_U4V)
+    C = X.shape[1] if q8 else 0
+    XW = np.empty((T, C // 4), np.int32)
+    DX = np.empty((T, C // 32), np.float32)
+    XS = np.empty((T, C // 16), np.float32)
+    XI = np.empty((T, C // 16), np.int32)
+    if q8:
+        quantize_x8(X, XW, DX, XS, XI)
     for task_u in prange(G0 + G1 + G2):
         task = np.int64(task_u)
         acc = np.empty(L, np.float32)
@@ -307,20 +324,31 @@ def _matmul3(out, X, w0, w1, w2, n_mats):
             base = R0 + R1
         n_valid = min(L, rows - g * L)
         t = 0
-        if T >= 4:
+        if fam >= FAMILY_U4V:
             acc4 = np.empty((4, L), np.float32)
-            blk4 = np.empty((4, L), np.float32)
-            while t + 4 <= T:
-                _group_dot4(fam, q, s, m, g, X, t, acc4, blk4)
-                for r in range(4):
+            isum = np.empty(4 * L, np.int32)
+            while t < T:
+                n_tok = 4 if t + 4 <= T else 1
+                group_dot_q8(fam, q, s, m, g, XW, DX, XS, XI, t, n_tok, acc4, isum)
+                for r in range(n_tok):
                     for lane in range(n_valid):
                         out[t + r, base + g * L + lane] = acc4[r, lane]
-                t += 4
-        while t < T:
-            _group_dot(fam, q, s, m, g, X[t], acc, blk)
-            for lane in range(n_valid):
-                out[t, base + g * L + lane] = acc[lane]
-            t += 1
+                t += n_tok
+        else:
+            if T >= 4:
+                acc4 = np.empty((4, L), np.float32)
+                blk4 = np.empty((4, L), np.float32)
+                while t + 4 <= T:
+                    _group_dot4(fam, q, s, m, g, X, t, acc4, blk4)
+                    for r in range(4):
+                        for lane in range(n_valid):
+                            out[t + r, base + g * L + lane] = acc4[r, lane]
+                    t += 4
+            while t < T:
+                _group_dot(fam, q, s, m, g, X[t], acc, blk)
+                for lane in range(n_valid):
+                    out[t, base + g * L + lane] = acc[lane]
+                t += 1
 
 
 matmul3 = njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)(_matmul3)
@@ -330,117 +358,6 @@ matmul3_serial = njit(fastmath=FASTMATH, nogil=True, cache=True, boundscheck=Fal
     clone_function(_matmul3, "_matmul3_serial"))
 # Products below this many multiply-adds run serially (decode of small layers). Measured break-even here.
 MIN_PARALLEL_MACS = 600_000
-
-# Prefill of at least this many tokens goes through BLAS sgemm on dequantized row chunks (ggml-blas does the
-# same for large batches): measured 80-100 GMAC/s on 2 cores vs ~20-30 for the interleaved kernel. Below
-# 64 tokens dequantizing every matrix costs more than it saves: bench/prefill_cliff.py (AMD EPYC, 2 threads)
-# had T = 16-31 at 0.57-0.91x the per-token rate of T = 15 with the switch at 16; from T = 64 the BLAS
-# path is ahead of the tile kernel idle and with a competing process (1.13-1.77x of T = 15).
-BLAS_MIN_T = 64
-# Row groups (of LANES rows) per sgemm task. Each task of one parallel region dequantizes its chunk and calls
-# single-threaded sgemm, so Numba's threads (TBB work stealing) are the only pool that runs: OpenBLAS is held
-# to one thread by apr_numba.runtime.limit_blas_threads (issue 14: its own threads competing with TBB's made
-# a 16-token prompt 9x slower than a 15-token one on a busy machine). Scratch per task: 256 x cols float32.
-BLAS_CHUNK_GROUPS = 4
-
-
-def _dequant_rows(out, w, g0):
-    """out (n_groups*LANES, cols) float32 <- rows of row groups g0.. of packed matrix w (exact: s*code - m)."""
-    fam, rows, q, s, m = w
-    L = s.shape[2]
-    n_groups = out.shape[0] // L
-    for gi_u in prange(n_groups):
-        gi = np.int64(gi_u)
-        g = g0 + gi
-        for lane in range(L):
-            r = gi * L + lane
-            if fam == FAMILY_U4:
-                for b in range(q.shape[1]):
-                    sc = s[g, b, lane]
-                    mn = m[g, b, lane]
-                    for j in range(16):
-                        byte = q[g, b, j, lane]
-                        out[r, b * 32 + j] = sc * np.float32(byte & 15) - mn
-                        out[r, b * 32 + 16 + j] = sc * np.float32(byte >> 4) - mn
-            elif fam == FAMILY_I8:
-                k = q.shape[2]
-                qi = q.view(np.int8)
-                has_m = m.shape[1] > 0
-                for b in range(q.shape[1]):
-                    sc = s[g, b, lane]
-                    mn = m[g, b, lane] if has_m else np.float32(0.0)
-                    for j in range(k):
-                        out[r, b * k + j] = sc * np.float32(qi[g, b, j, lane]) - mn
-            elif fam == FAMILY_U5:
-                qw = q.view(np.uint16)
-                has_m = m.shape[1] > 0
-                cz = 0 if has_m else 16  # Q5_0: w = s*(c - 16) (exact), Q5_1: w = s*c - m
-                for b in range(qw.shape[1]):
-                    sc = s[g, b, lane]
-                    mn = m[g, b, lane] if has_m else np.float32(0.0)
-                    o = b * 32
-                    for w in range(10):
-                        word = np.int64(qw[g, b, w, lane])
-                        out[r, o + w] = sc * np.float32((word & 31) - cz) - mn
-                        out[r, o + 10 + w] = sc * np.float32(((word >> 5) & 31) - cz) - mn
-                        out[r, o + 20 + w] = sc * np.float32((word >> 10) - cz) - mn
-                    word = np.int64(qw[g, b, 10, lane])
-                    out[r, o + 30] = sc * np.float32((word & 31) - cz) - mn
-                    out[r, o + 31] = sc * np.float32((word >> 5) - cz) - mn
-            else:
-                for c in range(s.shape[1]):
-                    out[r, c] = s[g, c, lane]
-
-
-dequant_rows = njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)(_dequant_rows)
-# The serial copy runs inside the tasks of matmul_blas3 (no nested parallel region).
-_dequant_rows_serial = njit(fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)(
-    clone_function(_dequant_rows, "_dequant_rows_serial"))
-
-
-@njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True)
-def matmul_blas3(out, X, w0, w1, w2, n_mats):
-    """out (T, R0 [+ R1 [+ R2]]) <- X (T, cols) @ [W0; W1; W2].T through sgemm (same contract as matmul3).
-
-    One parallel region over chunks of BLAS_CHUNK_GROUPS row groups of all ``n_mats`` matrices together;
-    each task dequantizes its chunk exactly (float32 ``s*code - m``) and multiplies it with one sgemm call
-    (scipy's OpenBLAS through Numba's ``np.dot``), so the error is float32 sgemm accumulation only.
-    """
-    C = BLAS_CHUNK_GROUPS
-    L = w0[3].shape[2]
-    cols = X.shape[1]
-    n0 = (w0[3].shape[0] + C - 1) // C
-    n1 = (w1[3].shape[0] + C - 1) // C if n_mats > 1 else 0
-    n2 = (w2[3].shape[0] + C - 1) // C if n_mats > 2 else 0
-    R0 = w0[1]
-    R1 = w1[1] if n_mats > 1 else 0
-    for task_u in prange(n0 + n1 + n2):
-        task = np.int64(task_u)
-        if task < n0:
-            w = w0
-            c = task
-            base = 0
-        elif task < n0 + n1:
-            w = w1
-            c = task - n0
-            base = R0
-        else:
-            w = w2
-            c = task - n0 - n1
-            base = R0 + R1
-        rows = w[1]
-        g0 = c * C
-        ng = min(C, w[3].shape[0] - g0)
-        W = np.empty((ng * L, cols), np.float32)
-        _dequant_rows_serial(W, w, g0)
-        r0 = g0 * L
-        r1 = min(rows, r0 + ng * L)
-        Y = np.dot(X, W[:r1 - r0].T)
-        # an explicit copy: a slice assignment compiles Numba's broadcast-error formatting (~14 s of compile)
-        for t in range(Y.shape[0]):
-            for r in range(r1 - r0):
-                out[t, base + r0 + r] = Y[t, r]
-
 
 @njit(fastmath=FASTMATH, nogil=True, cache=True)
 def matmul_auto(out, X, w0, w1, w2, n_mats):

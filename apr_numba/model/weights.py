@@ -25,6 +25,7 @@ from apr_numba.model import plan
 from apr_numba.model.hparams import ModelConfig
 from apr_numba.quants.layouts import decode_codes
 from apr_numba.quants.repack import PackedMatrix, pack, pack_raw
+from apr_numba.quants.vnni_pack import activation_mode, to_vnni
 
 # Order of the per-layer matrices in ModelWeights.mats (index = 7 * layer + slot).
 LAYER_MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -92,7 +93,8 @@ def _matrix(src, ts, threads: int = 1) -> PackedMatrix:
 def _pack_tensor(src, name: str, t, data, shape: tuple[int, int], threads: int = 1) -> PackedMatrix:
     ok = data.size == shape[0] * _row_bytes(t.ggml_type, shape[1])
     fast = pack_raw(t.ggml_type, data, shape, threads=threads) if ok else None
-    return fast if fast is not None else pack(decode_codes(t.ggml_type, data, shape, f"{src.path}: {name}"))
+    pm = fast if fast is not None else pack(decode_codes(t.ggml_type, data, shape, f"{src.path}: {name}"))
+    return to_vnni(pm) if activation_mode() == "int8" else pm
 
 
 def _row_bytes(ggml_type: int, cols: int) -> int:

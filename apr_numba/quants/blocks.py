@@ -33,6 +33,9 @@ FAMILY_U4 = 1  # codes 0..15, packed two per byte (Q4_0, Q4_1, Q4_K)
 FAMILY_I8 = 2  # codes -128..127, one per byte (Q8_0, Q5_0, Q5_1, Q6_K, Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS)
 FAMILY_F32 = 3  # plain float32 (F32, F16, BF16)
 FAMILY_U5 = 4  # codes 0..31, three per 16-bit word (Q5_0, Q5_1, Q5_K when repacked; decode_codes gives I8)
+FAMILY_U4V = 5  # U4 codes reordered for int8-activation dot products (kernels/vnni.py)
+FAMILY_I8V = 6  # I8 codes + 128 as uint8, reordered for int8-activation dot products (kernels/vnni.py)
+FAMILY_U5V = 7  # U5 codes as U4V nibbles + a bit-4 plane, for int8-activation dot products (kernels/vnni.py)
 
 
 @dataclass

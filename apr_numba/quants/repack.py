@@ -91,6 +91,10 @@ class PackedMatrix:
 
     def dequantize(self) -> np.ndarray:
         """Float32 (rows, cols), undoing the interleave; for tests and debugging."""
+        if self.family > FAMILY_U5:  # an int8-activation layout (quants/vnni_pack.py)
+            from apr_numba.quants.vnni_pack import from_vnni
+
+            return from_vnni(self).dequantize()
         G = self.s.shape[0]
         if self.family == FAMILY_F32:
             w = self.s.transpose(0, 2, 1).reshape(G * LANES, self.cols)
