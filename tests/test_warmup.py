@@ -16,7 +16,7 @@ def test_reachable_kernels_cover_the_forward():
     """The static walk finds the forward and the kernels its source calls (module + qualname of the Python function)."""
     names = set(reachable_kernels())
     for want in ("apr_numba.backends.cpu_forward.forward", "apr_numba.kernels.matmul.matmul_auto",
-                 "apr_numba.kernels.matmul._matmul3", "apr_numba.kernels.matmul.matmul_blas3",
+                 "apr_numba.kernels.matmul._matmul3", "apr_numba.kernels.matmul_blas.matmul_blas3",
                  "apr_numba.kernels.attention.attention", "apr_numba.kernels.norm.rmsnorm",
                  "apr_numba.kernels.embed.embed_tokens"):
         assert want in names, want

@@ -32,9 +32,9 @@ def add_parser(sub, add_sampling_args) -> None:
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p)
     p.add_argument("--backend", choices=("auto", "cpu", "opencl"), default="auto", help="compute backend")
-    from apr_numba.cli.main import _add_activation_arg
+    from apr_numba.quants.vnni_pack import add_activation_arg
 
-    _add_activation_arg(p)
+    add_activation_arg(p)
 
 
 @dataclass

@@ -98,15 +98,10 @@ def _read_prompt(a) -> str:
     return prompt
 
 
-def _add_activation_arg(p) -> None:
-    p.add_argument("--activations", choices=("f32", "int8"), default=None,
-                   help="CPU products: f32 keeps activations in float32 (exact); int8 quantizes them to blocks of "
-                        "32 as llama.cpp does (AVX-512 VNNI dot products: faster, logits cosine ~1-1e-5) "
-                        "(default: $APR_NUMBA_ACTIVATIONS, else f32)")
-
-
 def _add_backend_args(p) -> None:
-    _add_activation_arg(p)
+    from apr_numba.quants.vnni_pack import add_activation_arg
+
+    add_activation_arg(p)
     p.add_argument("--backend", choices=("auto", "cpu", "opencl"), default="auto",
                    help="auto: OpenCL on a GPU that passes the parity gate, else CPU")
     p.add_argument("--no-gpu", "--cpu", dest="no_gpu", action="store_true",
@@ -239,7 +234,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--n-ctx", type=int, default=None)
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth roofline")
     p.add_argument("--json", action="store_true")
-    _add_activation_arg(p)
+    from apr_numba.quants.vnni_pack import add_activation_arg
+
+    add_activation_arg(p)
 
 
 def _cmd_bench(a) -> int:

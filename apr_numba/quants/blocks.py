@@ -96,3 +96,17 @@ def _get_scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+def u5_words(c: np.ndarray) -> np.ndarray:
+    """(..., 32) 5-bit codes -> (..., 11) uint16 FAMILY_U5 words (see the module docstring)."""
+    c = c.astype(np.uint16)
+    w = np.empty(c.shape[:-1] + (11,), np.uint16)
+    w[..., :10] = c[..., 0:10] | (c[..., 10:20] << 5) | (c[..., 20:30] << 10)
+    w[..., 10] = c[..., 30] | (c[..., 31] << 5)
+    return w
+
+
+def u5_codes(w: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`u5_words`: (..., 11) uint16 -> (..., 32) uint8 codes."""
+    w = w.astype(np.uint16)
+    return np.concatenate([w[..., :10] & 31, (w[..., :10] >> 5) & 31, w[..., :10] >> 10,
+                           w[..., 10:] & 31, w[..., 10:] >> 5], axis=-1).astype(np.uint8)

@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit
 
 from apr_numba.kernels.embed import f16_to_f32
+from apr_numba.quants.blocks import u5_codes, u5_words  # noqa: F401 (re-exported)
 from apr_numba.quants.layouts import FAMILY_F32, FAMILY_I8, FAMILY_U4, FAMILY_U5, Codes
 from apr_numba.quants.pack_kquants import K_Q5K_I8, K_Q5K_U5, KSPEC, KV_IQ4, family_of, pack_k_blocks
 
@@ -127,22 +128,6 @@ def _interleave(a: np.ndarray, rows_padded: int) -> np.ndarray:
     a = a.reshape((G, LANES) + a.shape[1:])
     order = (0,) + tuple(range(2, a.ndim)) + (1,)
     return np.ascontiguousarray(a.transpose(order))
-
-
-def u5_words(c: np.ndarray) -> np.ndarray:
-    """(..., 32) 5-bit codes -> (..., 11) uint16 FAMILY_U5 words (see the module docstring)."""
-    c = c.astype(np.uint16)
-    w = np.empty(c.shape[:-1] + (U5_WORDS,), np.uint16)
-    w[..., :10] = c[..., 0:10] | (c[..., 10:20] << 5) | (c[..., 20:30] << 10)
-    w[..., 10] = c[..., 30] | (c[..., 31] << 5)
-    return w
-
-
-def u5_codes(w: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`u5_words`: (..., 11) uint16 -> (..., 32) uint8 codes."""
-    w = w.astype(np.uint16)
-    return np.concatenate([w[..., :10] & 31, (w[..., :10] >> 5) & 31, w[..., :10] >> 10,
-                           w[..., 10:] & 31, w[..., 10:] >> 5], axis=-1).astype(np.uint8)
 
 
 def pack(codes: Codes, q5: str | None = None) -> PackedMatrix:

@@ -18,7 +18,16 @@ import os
 
 import numpy as np
 
-from apr_numba.quants.blocks import FAMILY_I8, FAMILY_I8V, FAMILY_U4, FAMILY_U4V, FAMILY_U5, FAMILY_U5V
+from apr_numba.quants.blocks import (
+    FAMILY_I8,
+    FAMILY_I8V,
+    FAMILY_U4,
+    FAMILY_U4V,
+    FAMILY_U5,
+    FAMILY_U5V,
+    u5_codes,
+    u5_words,
+)
 
 ACTIVATIONS_ENV = "APR_NUMBA_ACTIVATIONS"
 ACTIVATION_MODES = ("f32", "int8")
@@ -36,6 +45,15 @@ def activation_mode(mode: str | None = None) -> str:
     return v
 
 
+def add_activation_arg(parser) -> None:
+    """The ``--activations {f32,int8}`` option of the CLI commands that load a model (run, bench, chat, serve);
+    ``apr_numba.cli.main`` puts a given value into ``$APR_NUMBA_ACTIVATIONS`` before the command runs."""
+    parser.add_argument("--activations", choices=ACTIVATION_MODES, default=None,
+                        help="CPU products: f32 keeps activations in float32 (exact); int8 quantizes them to blocks "
+                             "of 32 as llama.cpp does (AVX-512 VNNI dot products: faster, logits cosine ~1-1e-5) "
+                             f"(default: ${ACTIVATIONS_ENV}, else f32)")
+
+
 def _permute(q: np.ndarray) -> np.ndarray:
     G, nb, k, L = q.shape
     return np.ascontiguousarray(q.reshape(G, nb, k // 4, 4, L).transpose(0, 1, 2, 4, 3)).reshape(G, nb, k, L)
@@ -48,8 +66,6 @@ def _unpermute(q: np.ndarray) -> np.ndarray:
 
 def _u5v_from_words(q: np.ndarray) -> np.ndarray:
     """U5 words (G, nb, 11, 2L) uint8 -> U5V (G, nb, 20, L) uint8 (kernels/vnni.py)."""
-    from apr_numba.quants.repack import u5_codes
-
     G, nb, _, L2 = q.shape
     L = L2 // 2
     c = u5_codes(q.view(np.uint16).transpose(0, 1, 3, 2))  # (G, nb, L, 32)
@@ -65,8 +81,6 @@ def _u5v_from_words(q: np.ndarray) -> np.ndarray:
 
 def _u5_words_from_u5v(q: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_u5v_from_words`."""
-    from apr_numba.quants.repack import u5_words
-
     G, nb, _, L = q.shape
     flat = q.reshape(G, nb, -1)
     nib = flat[..., :16 * L].reshape(G, nb, 4, L, 4)  # (jj, lane, t)

@@ -32,9 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may run after SIGTERM")
     p.add_argument("--backend", choices=("auto", "cpu", "opencl"), default="cpu", help="compute backend")
-    from apr_numba.cli.main import _add_activation_arg
+    from apr_numba.quants.vnni_pack import add_activation_arg
 
-    _add_activation_arg(p)
+    add_activation_arg(p)
     p.add_argument("--blas-threads", type=int, default=1,
                    help="OpenBLAS threads for prefill sgemm (0 = leave as loaded); idle BLAS threads spin against "
                         "the Numba workers (measured: a 21-token prefill 15 s with 2 threads vs 1 s with 1 on 2 "
