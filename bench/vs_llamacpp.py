@@ -98,6 +98,21 @@ def _load(name: str, threads: int, n_ctx: int, activations: str):
         os.environ.pop(ACTIVATIONS_ENV) if old is None else os.environ.__setitem__(ACTIVATIONS_ENV, old)
 
 
+def _regions(mode: str, fn, *args):
+    """fn(*args), with ``APR_NUMBA_WORKERS=0`` (one parallel region per product instead of the persistent-worker
+    decode, backends/cpu_decode.py) when ``mode`` ends in ``/regions``."""
+    import os
+
+    if not mode.endswith("/regions"):
+        return fn(*args)
+    old = os.environ.get("APR_NUMBA_WORKERS")
+    os.environ["APR_NUMBA_WORKERS"] = "0"
+    try:
+        return fn(*args)
+    finally:
+        os.environ.pop("APR_NUMBA_WORKERS") if old is None else os.environ.__setitem__("APR_NUMBA_WORKERS", old)
+
+
 def _greedy_apr(model, ids, n):
     model.reset()
     logits = model.eval(ids)[-1]
@@ -117,7 +132,7 @@ def compare(name: str, threads: int, n_prompt: int, n_gen: int, reps: int, promp
     from apr_numba import runtime as config
 
     n_ctx = max(n_prompt, n_gen + 1) + 64
-    models = {m: _load(name, threads, n_ctx, m) for m in modes}
+    models = {m: _load(name, threads, n_ctx, m.split("/")[0]) for m in modes}
     model = models[modes[0]]
     llm = _llama(str(model.path), threads, n_ctx)
     rng = np.random.default_rng(0)
@@ -130,8 +145,8 @@ def compare(name: str, threads: int, n_prompt: int, n_gen: int, reps: int, promp
     _ll_pp(llm, toks[:16])
     runs = [("ll_pp", lambda: _ll_pp(llm, toks)), ("ll_tg", lambda: _ll_tg(llm, tok, n_gen))]
     for m in modes:
-        runs += [(f"apr_pp_{m}", lambda m=m: _apr_pp(models[m], states[m], toks)),
-                 (f"apr_tg_{m}", lambda m=m: _apr_tg(models[m], states[m], tok, n_gen))]
+        runs += [(f"apr_pp_{m}", lambda m=m: _regions(m, _apr_pp, models[m], states[m], toks)),
+                 (f"apr_tg_{m}", lambda m=m: _regions(m, _apr_tg, models[m], states[m], tok, n_gen))]
     rates: dict[str, list[float]] = {k: [] for k, _ in runs}
     for _ in range(reps):
         # a pause before each run: llama.cpp's worker threads spin for a while after a graph finishes, and a
@@ -171,7 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--activations", default="f32,int8",
-                    help="apr-numba activation modes to run, comma-separated (f32: exact; int8: llama.cpp's scheme)")
+                    help="apr-numba modes to run, comma-separated: f32 (exact) or int8 (llama.cpp's scheme), each "
+                         "optionally with /regions (a parallel region per product instead of persistent workers)")
     a = ap.parse_args(argv)
     modes = tuple(x.strip() for x in a.activations.split(",") if x.strip())
     results = []
@@ -183,7 +199,7 @@ def main(argv=None) -> int:
         for test in (f"pp{a.n_prompt}", f"tg{a.n_gen}"):
             d = r[test]
             for m in modes:
-                print(f"  {test:>6}: apr-numba[{m:>4}] {d[f'apr_{m}'][0]:8.2f} ± {d[f'apr_{m}'][1]:5.2f}   llama.cpp "
+                print(f"  {test:>6}: apr-numba[{m:>12}] {d[f'apr_{m}'][0]:8.2f} ± {d[f'apr_{m}'][1]:5.2f}   llama.cpp "
                       f"{d['llama.cpp'][0]:8.2f} ± {d['llama.cpp'][1]:5.2f}   ratio {d[f'ratio_{m}']:.2f} "
                       f"(of the bests {d[f'best_ratio_{m}']:.2f})")
         g = r["greedy"]

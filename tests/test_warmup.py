@@ -18,7 +18,8 @@ def test_reachable_kernels_cover_the_forward():
     for want in ("apr_numba.backends.cpu_forward.forward", "apr_numba.kernels.matmul.matmul_auto",
                  "apr_numba.kernels.matmul._matmul3", "apr_numba.kernels.matmul_blas.matmul_blas3",
                  "apr_numba.kernels.attention.attention", "apr_numba.kernels.norm.rmsnorm",
-                 "apr_numba.kernels.embed.embed_tokens"):
+                 "apr_numba.kernels.embed.embed_tokens", "apr_numba.backends.cpu_decode.forward_workers",
+                 "apr_numba.kernels.matmul.product_task", "apr_numba.kernels.sync.wait_done"):
         assert want in names, want
 
 

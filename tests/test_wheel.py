@@ -232,16 +232,14 @@ def test_cold_start_compiled_the_products_in_a_second_process(venv):
     from apr_numba.kernels import precompile
 
     folder = Path(venv["env"]["NUMBA_CACHE_DIR"])
-    files = {"matmul_auto": "matmul.matmul_auto", "matmul3": "matmul._matmul3",
-             "matmul3_serial": "matmul._matmul3_serial", "matmul_blas3": "matmul_blas.matmul_blas3",
-             "embed_tokens": "embed.embed_tokens",
-             "attention": "attention.attention", "attention_blas": "attention.attention_blas",
-             "store_kv": "attention.store_kv", "rope_inplace": "rope.rope_inplace", "rmsnorm": "norm.rmsnorm",
-             "rmsnorm_heads": "norm.rmsnorm_heads"}
+    files = {"product_task": "kernels_*/matmul.product_task", "products": "backends_*/cpu_decode._products",
+             "embed_tokens": "kernels_*/embed.embed_tokens", "attention_task": "kernels_*/attention.attention_task",
+             "store_kv": "kernels_*/attention.store_kv", "rope_inplace": "kernels_*/rope.rope_inplace",
+             "rmsnorm": "kernels_*/norm.rmsnorm", "rmsnorm_heads": "kernels_*/norm.rmsnorm_heads"}
     sigs = precompile.signatures()
     assert set(sigs) == set(files) == {k for g in precompile.GROUPS.values() for k in g}
     for name, stem in files.items():
-        (index,) = folder.glob(f"kernels_*/{stem}-*.nbi")
+        (index,) = folder.glob(f"{stem}-*.nbi")
         with open(index, "rb") as f:
             pickle.load(f)  # Numba's version
             _stamp, overloads = pickle.loads(f.read())

@@ -24,7 +24,8 @@ COUNT_FILE = "compile_count.json"
 
 
 def reachable_kernels(root=None) -> list[str]:
-    """Qualified names of the Numba dispatchers ``root`` (default: the CPU forward) calls, itself included.
+    """Qualified names of the Numba dispatchers ``root`` (default: the CPU forward and the persistent-worker
+    decode) calls, themselves included.
 
     A static walk of the names each function's code refers to (resolved in its module's globals); a
     kernel compiled for two signatures counts once, so this is a lower bound of the compile count.
@@ -32,9 +33,14 @@ def reachable_kernels(root=None) -> list[str]:
     from numba.core.registry import CPUDispatcher
 
     if root is None:
-        from apr_numba.backends.cpu_forward import forward as root
+        from apr_numba.backends.cpu_decode import forward_workers
+        from apr_numba.backends.cpu_forward import forward
+
+        roots = [forward, forward_workers]
+    else:
+        roots = [root]
     seen: dict[int, str] = {}
-    stack = [root]
+    stack = list(roots)
     while stack:
         d = stack.pop()
         if id(d) in seen:
@@ -167,8 +173,9 @@ def compile_progress(enabled: bool | None = None, stream=None, key: str = "forwa
 def add_parser(sub) -> None:
     p = sub.add_parser("warmup", help="compile the Numba kernels into the cache (make install runs it)")
     p.add_argument("model", nargs="?", default=None, help="registry name or path (default smollm2-135m)")
-    p.add_argument("--prefill", type=int, default=16, metavar="T",
-                   help="also run a T-token prompt so the prefill (BLAS) path is compiled (0: decode only)")
+    p.add_argument("--prefill", type=int, default=64, metavar="T",
+                   help="also run a T-token prompt so the prefill (BLAS from 64 tokens) path is compiled "
+                        "(0: none; default %(default)s)")
 
 
 def run(a) -> int:
@@ -179,6 +186,7 @@ def run(a) -> int:
     t0 = time.perf_counter()
     with compile_progress(label="warmup") as prog:
         model = load(a.model or DEFAULT_MODEL, backend="cpu", n_ctx=max(64, a.prefill + 1))
+        model.warm_kernels(both=True)  # the region-per-product forward too (long prompts, tracing)
         if a.prefill > 0:
             model.eval([0] * a.prefill, n_logits=1)
             model.reset()

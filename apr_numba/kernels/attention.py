@@ -35,6 +35,65 @@ def store_kv(k_cache, v_cache, layer, seq, pos, qkv, q_dim, kv_dim):
             v_cache[s, layer, p, i] = qkv[t, q_dim + kv_dim + i]
 
 
+@njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True, boundscheck=False)
+def attention_task(out, qkv, k_cache, v_cache, layer, seq, pos, kv_end, n_head, n_rep, head_dim, window, faults,
+                   scores_cap, probs_cap, task):
+    """Task ``task`` = t * n_head + h of :func:`_attention`: query head h of token t (same arguments). The
+    parallel kernel and the persistent-worker decode (:mod:`apr_numba.backends.cpu_decode`) both run it."""
+    n_kv = k_cache.shape[3] // head_dim
+    scale = np.float32(1.0) if faults[F_ATTN_SCALE] else np.float32(1.0 / np.sqrt(head_dim))
+    capture = scores_cap.shape[0] > 0
+    t = task // n_head
+    h = task - t * n_head
+    sq = seq[t]
+    pt = pos[t]
+    kvh = h // n_rep
+    if faults[F_GQA_MAP]:
+        kvh = (kvh + 1) % n_kv
+    kvo = kvh * head_dim
+    qo = h * head_dim
+    n = kv_end[t] if faults[F_CAUSAL_MASK_OFF] else pt + 1
+    lo = 0
+    if window > 0 and not faults[F_CAUSAL_MASK_OFF]:
+        lo = max(0, pt - window + 1)
+    scores = np.empty(n, np.float32)
+    mx = np.float32(-np.inf)
+    for p in range(lo, n):
+        acc = np.float32(0.0)
+        for d in range(head_dim):
+            acc += qkv[t, qo + d] * k_cache[sq, layer, p, kvo + d]
+        acc *= scale
+        scores[p] = acc
+        if acc > mx:
+            mx = acc
+    if capture:  # attn_scores is defined before the mask: keys before a sliding window are shown too
+        for p in range(lo):
+            acc = np.float32(0.0)
+            for d in range(head_dim):
+                acc += qkv[t, qo + d] * k_cache[sq, layer, p, kvo + d]
+            scores_cap[h, t, p] = acc * scale
+        for p in range(lo, n):
+            scores_cap[h, t, p] = scores[p]
+    if faults[F_SOFTMAX_NO_MAX]:
+        mx = np.float32(0.0)
+    tot = np.float32(0.0)
+    for p in range(lo, n):
+        e = np.exp(scores[p] - mx)
+        if faults[F_SOFTMAX_NO_MAX] and e > _F16_MAX:
+            e = np.float32(np.inf)
+        scores[p] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    for d in range(head_dim):
+        out[t, qo + d] = 0.0
+    for p in range(lo, n):
+        w = scores[p] * inv
+        if capture:
+            probs_cap[h, t, p] = w
+        for d in range(head_dim):
+            out[t, qo + d] += w * v_cache[sq, layer, p, kvo + d]
+
+
 def _attention(out, qkv, k_cache, v_cache, layer, seq, pos, kv_end, n_head, n_rep, head_dim, window, faults,
                scores_cap, probs_cap):
     """out (T, n_head*head_dim) <- causal GQA attention of the Q part of qkv (T, *), one query per token.
@@ -60,60 +119,9 @@ def _attention(out, qkv, k_cache, v_cache, layer, seq, pos, kv_end, n_head, n_re
             (before the mask) and the softmax (zeros where masked), or (0, 0, 0) arrays to skip.
     """
     T = qkv.shape[0]
-    n_kv = k_cache.shape[3] // head_dim
-    scale = np.float32(1.0) if faults[F_ATTN_SCALE] else np.float32(1.0 / np.sqrt(head_dim))
-    capture = scores_cap.shape[0] > 0
     for task_u in prange(T * n_head):
-        task = np.int64(task_u)
-        t = task // n_head
-        h = task - t * n_head
-        sq = seq[t]
-        pt = pos[t]
-        kvh = h // n_rep
-        if faults[F_GQA_MAP]:
-            kvh = (kvh + 1) % n_kv
-        kvo = kvh * head_dim
-        qo = h * head_dim
-        n = kv_end[t] if faults[F_CAUSAL_MASK_OFF] else pt + 1
-        lo = 0
-        if window > 0 and not faults[F_CAUSAL_MASK_OFF]:
-            lo = max(0, pt - window + 1)
-        scores = np.empty(n, np.float32)
-        mx = np.float32(-np.inf)
-        for p in range(lo, n):
-            acc = np.float32(0.0)
-            for d in range(head_dim):
-                acc += qkv[t, qo + d] * k_cache[sq, layer, p, kvo + d]
-            acc *= scale
-            scores[p] = acc
-            if acc > mx:
-                mx = acc
-        if capture:  # attn_scores is defined before the mask: keys before a sliding window are shown too
-            for p in range(lo):
-                acc = np.float32(0.0)
-                for d in range(head_dim):
-                    acc += qkv[t, qo + d] * k_cache[sq, layer, p, kvo + d]
-                scores_cap[h, t, p] = acc * scale
-            for p in range(lo, n):
-                scores_cap[h, t, p] = scores[p]
-        if faults[F_SOFTMAX_NO_MAX]:
-            mx = np.float32(0.0)
-        tot = np.float32(0.0)
-        for p in range(lo, n):
-            e = np.exp(scores[p] - mx)
-            if faults[F_SOFTMAX_NO_MAX] and e > _F16_MAX:
-                e = np.float32(np.inf)
-            scores[p] = e
-            tot += e
-        inv = np.float32(1.0) / tot
-        for d in range(head_dim):
-            out[t, qo + d] = 0.0
-        for p in range(lo, n):
-            w = scores[p] * inv
-            if capture:
-                probs_cap[h, t, p] = w
-            for d in range(head_dim):
-                out[t, qo + d] += w * v_cache[sq, layer, p, kvo + d]
+        attention_task(out, qkv, k_cache, v_cache, layer, seq, pos, kv_end, n_head, n_rep, head_dim, window, faults,
+                       scores_cap, probs_cap, np.int64(task_u))
 
 
 _attention_parallel = njit(parallel=True, fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True,

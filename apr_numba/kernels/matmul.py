@@ -284,71 +284,103 @@ def _group_dot4(fam, q, s, m, g, X, t0, acc, blk):
                 acc[3, lane] += w * l3
 
 
-def _matmul3(out, X, w0, w1, w2, n_mats):
-    """out (T, R0 [+ R1 [+ R2]]) <- X (T, cols) @ [W0; W1; W2].T for the first ``n_mats`` matrices.
+@njit(nogil=True, cache=True)
+def product_tasks(w0, w1, w2, n_mats):
+    """The number of parallel tasks (row groups of all ``n_mats`` matrices) of one product."""
+    G0 = w0[2].shape[0] if n_mats > 0 else 0
+    G1 = w1[2].shape[0] if n_mats > 1 else 0
+    G2 = w2[2].shape[0] if n_mats > 2 else 0
+    return G0 + G1 + G2
 
-    Matrices are packed tuples (family, rows, q, s, m) with the same ``cols``; unused ones may be
-    any packed tuple (they are not read). Parallel over row groups of all matrices together.
+
+@njit(nogil=True, cache=True)
+def needs_q8(w0, w1, w2, n_mats):
+    """True when one of the first ``n_mats`` matrices is an int8-activation (VNNI) layout."""
+    return (w0[0] >= FAMILY_U4V) or (n_mats > 1 and w1[0] >= FAMILY_U4V) or (n_mats > 2 and w2[0] >= FAMILY_U4V)
+
+
+@njit(nogil=True, cache=True)
+def q8_buffers(X, q8):
+    """Scratch for X's int8 blocks (:func:`~apr_numba.kernels.vnni.quantize_x8`): (XW, DX, XS, XI), empty
+    when not ``q8``."""
+    T = X.shape[0]
+    C = X.shape[1] if q8 else 0
+    return (np.empty((T, C // 4), np.int32), np.empty((T, C // 32), np.float32), np.empty((T, C // 16), np.float32),
+            np.empty((T, C // 16), np.int32))
+
+
+@njit(fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)
+def product_task(out, X, w0, w1, w2, n_mats, task, xq):
+    """Task ``task`` of :func:`_matmul3`: one row group of one matrix, for all T token rows of X.
+
+    ``xq`` is :func:`q8_buffers` of X, filled by ``quantize_x8`` when a matrix is a VNNI layout. The matrix
+    products (:func:`matmul3`) and the persistent-worker decode (:mod:`apr_numba.backends.cpu_decode`) both run
+    their products through this function.
     """
     T = X.shape[0]
     G0 = w0[2].shape[0] if n_mats > 0 else 0
     G1 = w1[2].shape[0] if n_mats > 1 else 0
-    G2 = w2[2].shape[0] if n_mats > 2 else 0
     R0 = w0[1]
     R1 = w1[1] if n_mats > 1 else 0
     L = w0[3].shape[2]
-    # int8 activations for the VNNI families (kernels/vnni.py): quantized once, shared by the matrices
-    q8 = (w0[0] >= FAMILY_U4V) or (n_mats > 1 and w1[0] >= FAMILY_U4V) or (n_mats > 2 and w2[0] >= FAMILY_U4V)
-    C = X.shape[1] if q8 else 0
-    XW = np.empty((T, C // 4), np.int32)
-    DX = np.empty((T, C // 32), np.float32)
-    XS = np.empty((T, C // 16), np.float32)
-    XI = np.empty((T, C // 16), np.int32)
-    if q8:
-        quantize_x8(X, XW, DX, XS, XI)
-    for task_u in prange(G0 + G1 + G2):
-        task = np.int64(task_u)
-        acc = np.empty(L, np.float32)
-        blk = np.empty(L, np.float32)
-        if task < G0:
-            fam, rows, q, s, m = w0
-            g = task
-            base = 0
-        elif task < G0 + G1:
-            fam, rows, q, s, m = w1
-            g = task - G0
-            base = R0
-        else:
-            fam, rows, q, s, m = w2
-            g = task - G0 - G1
-            base = R0 + R1
-        n_valid = min(L, rows - g * L)
-        t = 0
-        if fam >= FAMILY_U4V:
+    XW, DX, XS, XI = xq
+    if task < G0:
+        fam, rows, q, s, m = w0
+        g = task
+        base = 0
+    elif task < G0 + G1:
+        fam, rows, q, s, m = w1
+        g = task - G0
+        base = R0
+    else:
+        fam, rows, q, s, m = w2
+        g = task - G0 - G1
+        base = R0 + R1
+    n_valid = min(L, rows - g * L)
+    t = 0
+    if fam >= FAMILY_U4V:
+        acc4 = np.empty((4, L), np.float32)
+        isum = np.empty(4 * L, np.int32)
+        while t < T:
+            n_tok = 4 if t + 4 <= T else 1
+            group_dot_q8(fam, q, s, m, g, XW, DX, XS, XI, t, n_tok, acc4, isum)
+            for r in range(n_tok):
+                for lane in range(n_valid):
+                    out[t + r, base + g * L + lane] = acc4[r, lane]
+            t += n_tok
+    else:
+        if T >= 4:
             acc4 = np.empty((4, L), np.float32)
-            isum = np.empty(4 * L, np.int32)
-            while t < T:
-                n_tok = 4 if t + 4 <= T else 1
-                group_dot_q8(fam, q, s, m, g, XW, DX, XS, XI, t, n_tok, acc4, isum)
-                for r in range(n_tok):
+            blk4 = np.empty((4, L), np.float32)
+            while t + 4 <= T:
+                _group_dot4(fam, q, s, m, g, X, t, acc4, blk4)
+                for r in range(4):
                     for lane in range(n_valid):
                         out[t + r, base + g * L + lane] = acc4[r, lane]
-                t += n_tok
-        else:
-            if T >= 4:
-                acc4 = np.empty((4, L), np.float32)
-                blk4 = np.empty((4, L), np.float32)
-                while t + 4 <= T:
-                    _group_dot4(fam, q, s, m, g, X, t, acc4, blk4)
-                    for r in range(4):
-                        for lane in range(n_valid):
-                            out[t + r, base + g * L + lane] = acc4[r, lane]
-                    t += 4
-            while t < T:
-                _group_dot(fam, q, s, m, g, X[t], acc, blk)
-                for lane in range(n_valid):
-                    out[t, base + g * L + lane] = acc[lane]
-                t += 1
+                t += 4
+        acc = np.empty(L, np.float32)
+        blk = np.empty(L, np.float32)
+        while t < T:
+            _group_dot(fam, q, s, m, g, X[t], acc, blk)
+            for lane in range(n_valid):
+                out[t, base + g * L + lane] = acc[lane]
+            t += 1
+
+
+def _matmul3(out, X, w0, w1, w2, n_mats):
+    """out (T, R0 [+ R1 [+ R2]]) <- X (T, cols) @ [W0; W1; W2].T for the first ``n_mats`` matrices.
+
+    Matrices are packed tuples (family, rows, q, s, m) with the same ``cols``; unused ones may be
+    any packed tuple (they are not read). Parallel over row groups of all matrices together
+    (:func:`product_task`).
+    """
+    # int8 activations for the VNNI families (kernels/vnni.py): quantized once, shared by the matrices
+    q8 = needs_q8(w0, w1, w2, n_mats)
+    xq = q8_buffers(X, q8)
+    if q8:
+        quantize_x8(X, xq[0], xq[1], xq[2], xq[3])
+    for task_u in prange(product_tasks(w0, w1, w2, n_mats)):
+        product_task(out, X, w0, w1, w2, n_mats, np.int64(task_u), xq)
 
 
 matmul3 = njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)(_matmul3)

@@ -1,18 +1,19 @@
-"""A cold start compiles the forward's largest kernels in two processes that share Numba's cache (issue 14).
+"""A cold start compiles the decoder's largest kernels in two processes that share Numba's cache (issue 14).
 
-On an empty kernel cache, Numba compiles ``cpu_forward.forward`` and every kernel it calls in one process,
-one after another (~40 s of CPU on the AMD EPYC here, measured with compile events: the matrix products
-``matmul_auto`` ~15 s, the attention kernels ~8 s, the embedding ~3 s, the forward's own code ~7 s). The
-kernels are independent of each other, so :func:`start` launches one background process
-(``python -m apr_numba.kernels.precompile matmul``) that compiles the tile products into the cache while
-this process packs the model and compiles the BLAS product and the attention, embedding and RoPE kernels
-(:func:`finish`); once both are done the forward's own compile loads them from the cache.
+On an empty kernel cache, Numba compiles the decoder step ``load`` runs (the persistent-worker decode,
+``cpu_decode.forward_workers``) and every kernel it calls in one process, one after another. The kernels are
+independent of each other, so :func:`start` launches one background process (``python -m
+apr_numba.kernels.precompile matmul``) that compiles the product task (every quant family's tile and int8
+kernels, the largest part) and the workers' product step into the cache while this process packs the model
+and compiles the attention, embedding, RoPE and norm kernels (:func:`finish`); once both are done the
+decoder's own compile loads them from the cache. ``cpu_forward.forward`` (long prompts, tracing) calls the
+same task functions, so its own compile, on the first long prompt or in ``apr-numba warmup``, reuses them.
 
-The signatures below are the ones the forward calls its kernels with (the packed-matrix tuple is one type for
-every quant family, so they do not depend on the model). Should they drift from the forward's, the only cost
-is a compile the forward repeats itself: ``tests/test_wheel.py`` checks, after a fresh venv's cold start, that
-Numba's cache index of each kernel holds exactly these signatures. Nothing happens when the cache is warm, on
-one core, or with ``APR_NUMBA_PARALLEL_COMPILE=0``.
+The signatures below are the ones the decoder calls its kernels with (the packed-matrix tuple is one type for
+every quant family, so they do not depend on the model). Should they drift, the only cost is a compile the
+decoder repeats itself: ``tests/test_wheel.py`` checks, after a fresh venv's cold start, that Numba's cache
+index of each kernel holds exactly these signatures. Nothing happens when the cache is warm, on one core, or
+with ``APR_NUMBA_PARALLEL_COMPILE=0``.
 """
 
 from __future__ import annotations
@@ -24,37 +25,35 @@ from pathlib import Path
 
 __all__ = ["GROUPS", "cache_is_warm", "compile_group", "finish", "signatures", "start"]
 
-# which kernels each process compiles: the background one the tile products (~10 s) and matmul_auto over
-# them, this one the BLAS product first (~3 s, so it is in the cache before the background's matmul_auto
-# needs it), then the attention, embedding, RoPE and norm kernels (~11 s)
-GROUPS = {"matmul": ("matmul3", "matmul3_serial", "matmul_auto"),
-          "local": ("matmul_blas3", "embed_tokens", "attention", "attention_blas", "store_kv", "rope_inplace",
-                    "rmsnorm", "rmsnorm_heads")}
+# which kernels each process compiles: the background one the product task and the workers' product step over
+# it, this one the attention, embedding, RoPE and norm kernels
+GROUPS = {"matmul": ("product_task", "products"),
+          "local": ("embed_tokens", "attention_task", "store_kv", "rope_inplace", "rmsnorm", "rmsnorm_heads")}
 WAIT_S = 900
 
 
 def signatures() -> dict[str, list[tuple]]:
-    """{kernel name: [(dispatcher, argument types), ...]} as ``cpu_forward.forward`` calls them."""
+    """{kernel name: [(dispatcher, argument types), ...]} as the persistent-worker decode
+    (``cpu_decode.forward_workers``, what ``load`` compiles) calls them; ``cpu_forward.forward`` calls the task,
+    embedding, RoPE and norm kernels with the same types."""
     from numba import types as nt
 
+    from apr_numba.backends import cpu_decode
     from apr_numba.kernels import attention, embed, matmul, norm, rope
 
     f32 = [None] + [nt.Array(nt.float32, n, "C") for n in (1, 2, 3, 4)]
     i64 = nt.int64
+    i32_2 = nt.Array(nt.int32, 2, "C")
     packed = nt.Tuple((i64, i64, nt.Array(nt.uint8, 4, "C"), f32[3], f32[3]))
-    mm = (f32[2], f32[2], packed, packed, packed, i64)  # out, X, three matrices, n_mats
-    i64a = nt.Array(nt.int64, 1, "C")  # per-token positions / sequences, a layer's fault flags
-    att = (f32[2], f32[2], f32[4], f32[4], i64, i64a, i64a, i64a, i64, i64, i64, i64, i64a, f32[3], f32[3])
-    att_blas = (f32[2], f32[2], f32[3], f32[3], i64, i64, i64, i64, i64, i64, i64a, f32[3], f32[3])
+    xq = nt.Tuple((i32_2, f32[2], f32[2], i32_2))  # matmul.q8_buffers
+    i64a = nt.Array(nt.int64, 1, "C")  # per-token positions / sequences, a layer's fault flags, step counters
+    att = (f32[2], f32[2], f32[4], f32[4], i64, i64a, i64a, i64a, i64, i64, i64, i64, i64a, f32[3], f32[3], i64)
     return {
-        "matmul3": [(matmul.matmul3, mm)],
-        "matmul3_serial": [(matmul.matmul3_serial, mm)],
-        "matmul_blas3": [(matmul.matmul_blas3, mm)],
-        "matmul_auto": [(matmul.matmul_auto, mm)],
+        "product_task": [(matmul.product_task, (f32[2], f32[2], packed, packed, packed, i64, i64, xq))],
+        "products": [(cpu_decode._products, (i64a, i64, f32[2], f32[2], packed, packed, packed, i64, xq))],
         "embed_tokens": [(embed.embed_tokens, (f32[2], nt.Array(nt.uint8, 2, "C", readonly=True),
                                                nt.Array(nt.int64, 1, "C"), i64))],
-        "attention": [(attention.attention, att)],
-        "attention_blas": [(attention.attention_blas, att_blas)],
+        "attention_task": [(attention.attention_task, att)],
         "store_kv": [(attention.store_kv, (f32[4], f32[4], i64, i64a, i64a, f32[2], i64, i64))],
         "rope_inplace": [(rope.rope_inplace, (f32[2], nt.IntegerLiteral(0), i64, i64, i64a, f32[2], f32[2], i64)),
                          (rope.rope_inplace, (f32[2], i64, i64, i64, i64a, f32[2], f32[2], i64))],
@@ -65,13 +64,15 @@ def signatures() -> dict[str, list[tuple]]:
 
 
 def cache_is_warm() -> bool:
-    """True when Numba's cache folder already holds a compiled ``forward`` (or no cache folder is set)."""
+    """True when Numba's cache folder already holds a compiled decoder step, the persistent-worker decode or
+    ``cpu_forward.forward`` (or no cache folder is set)."""
     import numba
 
     folder = getattr(numba.config, "CACHE_DIR", "")
     if not folder:
         return True
-    return any(Path(folder).glob("backends_*/cpu_forward.forward-*.nbi"))
+    return any(any(Path(folder).glob(f"backends_*/{stem}-*.nbi"))
+               for stem in ("cpu_decode.forward_workers", "cpu_forward.forward"))
 
 
 def compile_group(name: str) -> int:

@@ -299,13 +299,13 @@ class Model:
         if stack is None or any(not isinstance(s, KVState) or s.stack is not stack for s in states):
             return np.concatenate([self.eval(t[None], n_logits=1, state=st)
                                    for t, st in zip(toks, states, strict=True)])
-        from apr_numba.backends.cpu_forward import forward
-
         pos = np.array([s.n_past for s in states], np.int64)
         seq = np.array([s.index for s in states], np.int64)
         logits = np.empty((B, self.config.n_vocab), np.float32)
-        forward(toks, pos, seq, self._cfg, self._fp, self.weights.kernel_args(), self._rope_args(), stack[0],
-                stack[1], logits, self.no_capture, self.no_debug)
+        from apr_numba.backends.cpu_decode import run_forward
+
+        run_forward(toks, pos, seq, self._cfg, self._fp, self.weights.kernel_args(), self._rope_args(), stack[0],
+                    stack[1], logits, self.no_capture, self.no_debug, self.no_debug)
         for t, st in zip(toks, states, strict=True):
             _record_tokens(st, t[None])
             st.n_past += 1
@@ -375,12 +375,27 @@ class Model:
                                     "(model.new_state(n, cpu=True))")
             self._opencl.run(toks, logits, cap, state)
             return
-        from apr_numba.backends.cpu_forward import forward
+        from apr_numba.backends.cpu_decode import run_forward
 
         T = toks.shape[0]  # one sequence (index 0 of a one-row stack) at positions n_past..n_past+T-1
-        forward(toks, np.arange(state.n_past, state.n_past + T, dtype=np.int64), np.zeros(T, np.int64), self._cfg,
-                self._fp, self.weights.kernel_args(mats), self._rope_args(), state.k[None], state.v[None], logits,
-                cap, self.no_debug if dbg is None else dbg)
+        run_forward(toks, np.arange(state.n_past, state.n_past + T, dtype=np.int64), np.zeros(T, np.int64), self._cfg,
+                    self._fp, self.weights.kernel_args(mats), self._rope_args(), state.k[None], state.v[None], logits,
+                    cap, self.no_debug if dbg is None else dbg, self.no_debug)
+
+    def warm_kernels(self, token: int = 0, both: bool = False) -> None:
+        """Compile (or load from Numba's cache) the CPU path of this model's short calls with one token: the
+        persistent-worker decode, or ``cpu_forward.forward`` where it does not apply (experts). ``both``
+        also compiles the region-per-product forward (long prompts, tracing), as ``apr-numba warmup`` does.
+        The KV cache is reset after."""
+        from apr_numba.backends.cpu_forward import forward
+
+        self.eval([token], n_logits=1)
+        if both and isinstance(self.state, KVState):
+            one = np.array([token], np.int64)
+            forward(one, one * 0, one * 0, self._cfg, self._fp, self.weights.kernel_args(), self._rope_args(),
+                    self.state.k[None], self.state.v[None], np.empty((1, self.config.n_vocab), np.float32),
+                    self.no_capture, self.no_debug)
+        self.reset()
 
     def _rope_args(self) -> tuple:
         """The forward's ``rope`` tuple: cos, sin tables, each layer's table and sliding window."""
@@ -488,8 +503,7 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
         # Load (or compile) the Numba kernels now, so the first prompt's timings measure the forward.
         t4 = time.perf_counter()
         precompile.finish(bg)
-        m.eval([tok.bos_id if tok.bos_id is not None else 0], n_logits=1)
-        m.reset()
+        m.warm_kernels(tok.bos_id if tok.bos_id is not None else 0)
         stats.extra["warmup_s"] = time.perf_counter() - t4
     if backend != "cpu":
         from apr_numba.backends.parity import open_opencl_path
