@@ -147,8 +147,11 @@ def test_cpu_trace_shapes_and_stage_semantics(name):
     np.testing.assert_allclose(bias, np.broadcast_to(m.weights.bias_qkv[L], bias.shape), atol=1e-5)
     np.testing.assert_array_equal(tr.get("post_attn_residual", L), tr.get("post_ffn_residual", L - 1)
                                   + tr.get("attn_out", L))
-    # block outputs and logits equal the untraced forward's (capture only copies)
-    logits, layer_out = m.eval(tr.tokens, n_logits=T, capture_layers=True, state=m.new_state(64, cpu=True))
+    # block outputs and logits equal the untraced forward's (capture only copies): the traceable forward with a
+    # fresh (empty) trace table; untraced short calls run the worker decode, equal to float32 rounding
+    logits = np.empty((T, c.n_vocab), np.float32)
+    layer_out = np.empty((c.n_layer, T, c.n_embd), np.float32)
+    m.forward_into(np.asarray(tr.tokens, np.int64), logits, layer_out, m.new_state(64, cpu=True), m.debug_args())
     np.testing.assert_array_equal(np.stack([tr.get("layer_output", la) for la in range(c.n_layer)]), layer_out)
     np.testing.assert_array_equal(tr.get("lm_head"), logits)
 
@@ -195,7 +198,7 @@ def _greedy(m, ids, n, capture: bool):
     toks, out, all_logits = np.asarray(ids, np.int64), [], []
     for _ in range(n):
         logits = np.empty((1, c.n_vocab), np.float32)
-        dbg = None
+        dbg = m.debug_args()  # the traceable forward (cpu_forward.forward), with an empty trace table
         if capture:
             off, buf, _ = trace_table(c, keys, toks.size, state.n_past)
             dbg = m.debug_args(off, buf)

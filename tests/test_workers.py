@@ -7,10 +7,12 @@ References, never the worker path itself:
   tasks, and ``atomic_add`` returns the old value as a plain read-add-write would in one thread.
 * the decoder: ``cpu_forward.forward``, the region-per-product path that tests/test_arch_hf_parity.py and
   tests/test_parity.py check against HF transformers. The worker path runs the same task functions in the same
-  order, so logits, the layer capture and the K/V caches must be bit-identical (``np.array_equal``), for a
-  prompt, decode steps and a batched decode step of several sequences, with 1, 2 and 3 workers, in float32 and
-  int8 activations, on every dense tiny architecture (llama SentencePiece, Llama-3, qwen3 QK-norm, gemma3
-  post-norms / GeGLU / sliding window / embedding scale) and the real smollm2.
+  order, so logits, the layer capture and the K/V caches must agree to float32 rounding (relative 1e-5; the
+  two are compiled into different callers, and fast-math lets LLVM reassociate a sum differently) with the same
+  argmax, for a prompt, decode steps and a batched decode step of several sequences, in float32 and int8
+  activations, on every dense tiny architecture (llama SentencePiece, Llama-3, qwen3 QK-norm, gemma3
+  post-norms / GeGLU / sliding window / embedding scale) and the real smollm2; and 1, 2 and 3 workers must give
+  the same bits (``np.array_equal``: each output element is computed by one task, whoever runs it).
 * HF transformers, indirectly: ``Model.eval`` runs the worker path for every short untraced call (checked here
   with a spy on the fallback), so tests/test_arch_hf_parity.py's greedy continuations against HF's recorded
   tokens run through it.
@@ -88,9 +90,18 @@ def _run(model, path, toks, pos, seq, k, v, n_out, n_workers):
     return logits, cap
 
 
+def close(got, want, key) -> None:
+    """Equal to float32 rounding: the two paths run the same task functions, but compiled into different
+    callers (with fast-math reassociation LLVM may order a sum differently): relative error <= 1e-5."""
+    g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert g.shape == w.shape, key
+    assert np.abs(g - w).max() <= 1e-5 * max(np.abs(w).max(), 1e-30), key
+
+
 def workers_equal_forward(model, seed: int = 0) -> None:
-    """A 5-token prompt into sequence 0, 3 decode steps, then a batched step of 3 sequences: both paths, same
-    bits (logits, each block's captured output, KV caches), for 1, 2 and 3 workers."""
+    """A 5-token prompt into sequence 0, 3 decode steps, then a batched step of 3 sequences: both paths give the
+    same logits, block outputs and KV caches (to float32 rounding, same argmax), and 1, 2 and 3 workers the same
+    bits."""
     rng = np.random.default_rng(seed)
     V, c = model.config.n_vocab, model.config
     prompt = rng.integers(0, V, 5)
@@ -109,9 +120,17 @@ def workers_equal_forward(model, seed: int = 0) -> None:
     want_outs, want_k, want_v = results[("forward", 0)]
     for key, (outs, k, v) in results.items():
         for (got, got_cap), (want, want_cap) in zip(outs, want_outs, strict=True):
-            assert np.array_equal(got, want), key
-            assert np.array_equal(got_cap, want_cap), key
-        assert np.array_equal(k, want_k) and np.array_equal(v, want_v), key
+            close(got, want, key)
+            close(got_cap, want_cap, key)
+            assert (got.argmax(-1) == want.argmax(-1)).all(), key
+        close(k, want_k, key)
+        close(v, want_v, key)
+    one_outs, one_k, one_v = results[("workers", 1)]
+    for nw in (2, 3):  # one compiled function: the number of workers does not change a bit
+        outs, k, v = results[("workers", nw)]
+        for (got, got_cap), (want, want_cap) in zip(outs, one_outs, strict=True):
+            assert np.array_equal(got, want) and np.array_equal(got_cap, want_cap), nw
+        assert np.array_equal(k, one_k) and np.array_equal(v, one_v), nw
     assert np.isfinite(want_outs[-1][0]).all() and np.abs(want_outs[-1][1]).max() > 0
 
 

@@ -21,7 +21,9 @@ llama.cpp's threadpool with ``ggml_barrier`` in ``ggml-cpu.c``). Per layer::
 
 then the final norm and the LM head. The tasks are the ones the region-per-product path runs
 (:func:`~apr_numba.kernels.matmul.product_task`, :func:`~apr_numba.kernels.attention.attention_task`), so there
-is one definition of each piece of arithmetic; this module only orders them.
+is one definition of each piece of arithmetic; this module only orders them. The two paths agree to float32
+rounding (compiled into different callers, fast-math may reassociate a sum differently); any number of workers
+gives the same bits (each output element is computed by one task).
 
 It serves the calls without tracing, teaching faults or experts, with fewer than
 :data:`~apr_numba.kernels.matmul.BLAS_MIN_T` tokens (decode, batched decode, short prompts); everything else
@@ -44,18 +46,14 @@ from apr_numba.backends.cpu_forward import (
     EPS,
     FINAL_SOFTCAP,
     HAS_BIAS,
-    HEAD_DIM,
-    N_EMBD,
     N_EXPERT,
-    N_FF,
-    N_HEAD,
-    N_HEAD_KV,
-    N_LAYER,
     POST_ATTN_NORM,
     POST_FFN_NORM,
     QK_NORM,
     ROPE_TYPE,
+    dims,
     forward,
+    kv_ends,
 )
 from apr_numba.kernels.attention import attention_task, store_kv
 from apr_numba.kernels.embed import embed_tokens
@@ -120,21 +118,8 @@ def _scratch(tokens, pos, seq, cfg, mats, logits):
     """(step counters, activation buffers, int8 flags, the int8 blocks of the four product inputs) of one
     :func:`forward_workers` call (tuples of arrays one level deep: a parfor takes no deeper nesting)."""
     T = tokens.shape[0]
-    L = cfg[N_LAYER]
-    D = cfg[N_EMBD]
-    n_head = cfg[N_HEAD]
-    n_kv = cfg[N_HEAD_KV]
-    hd = cfg[HEAD_DIM]
-    n_ff = cfg[N_FF]
-    q_dim = n_head * hd
-    kv_dim = n_kv * hd
-    kv_end = np.empty(T, np.int64)  # positions of seq[t] after this call (only read under a teaching fault)
-    for t in range(T):
-        e = pos[t] + 1
-        for u in range(T):
-            if seq[u] == seq[t] and pos[u] + 1 > e:
-                e = pos[u] + 1
-        kv_end[t] = e
+    L, D, n_head, n_kv, hd, n_ff, q_dim, kv_dim, _ = dims(cfg)
+    kv_end, _ = kv_ends(pos, seq)  # positions of seq[t] after this call (only read under a teaching fault)
     x = np.empty((T, D), np.float32)
     h = np.empty((T, D), np.float32)
     o = np.empty((T, D), np.float32)
@@ -173,14 +158,7 @@ def _worker(ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp,
     q8_d, q8_o, q8_f, q8_h = flags
     eps = fp[EPS]
     T = tokens.shape[0]
-    L = cfg[N_LAYER]
-    n_head = cfg[N_HEAD]
-    n_kv = cfg[N_HEAD_KV]
-    hd = cfg[HEAD_DIM]
-    n_ff = cfg[N_FF]
-    q_dim = n_head * hd
-    kv_dim = n_kv * hd
-    n_rep = n_head // n_kv
+    L, _, n_head, n_kv, hd, n_ff, q_dim, kv_dim, n_rep = dims(cfg)
     n_out = logits.shape[0]
     head = mats[7 * L]
     s = np.int64(0)
@@ -285,8 +263,8 @@ def forward_workers(tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits
     Same arguments, shapes and results as ``forward`` for the calls :func:`applies` accepts (T < BLAS_MIN_T
     tokens, dense FFN): logits float32 (n_out, n_vocab) of the last n_out tokens, K/V written to the caches at
     [seq[t], :, pos[t]], each block's output (post_ffn_residual) in ``layer_out`` float32 (n_layer, T, n_embd)
-    unless it is a (0, 0, 0) array. Products and attention run the same task functions, so the float32 results are the
-    same bit for bit whatever the number of workers (each output element is computed by exactly one task).
+    unless it is a (0, 0, 0) array. The results are the same bits whatever the number of workers (each output
+    element is computed by exactly one task) and ``forward``'s to float32 rounding.
     """
     ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h = _scratch(tokens, pos, seq, cfg, w[0], logits)
     n_out = logits.shape[0]

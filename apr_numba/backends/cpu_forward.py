@@ -88,6 +88,34 @@ def fp_tuple(spec) -> tuple:
     return (float(spec.hp.rms_eps), float(spec.embed_scale), float(spec.final_softcap))
 
 
+@njit(nogil=True, cache=True)
+def dims(cfg):
+    """(n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff, q_dim, kv_dim, n_rep) of a ``cfg`` tuple: q_dim =
+    n_head * head_dim, kv_dim = n_head_kv * head_dim, n_rep = n_head // n_head_kv (GQA)."""
+    n_head, n_kv, hd = cfg[N_HEAD], cfg[N_HEAD_KV], cfg[HEAD_DIM]
+    return cfg[N_LAYER], cfg[N_EMBD], n_head, n_kv, hd, cfg[N_FF], n_head * hd, n_kv * hd, n_head // n_kv
+
+
+@njit(nogil=True, cache=True)
+def kv_ends(pos, seq):
+    """(kv_end int64 (T,), contiguous): the positions sequence seq[t] holds after a call of tokens at (pos,
+    seq), and whether the call is one sequence at consecutive positions (a prefill)."""
+    T = pos.shape[0]
+    contiguous = True
+    for t in range(T):
+        if seq[t] != seq[0] or pos[t] != pos[0] + t:
+            contiguous = False
+    kv_end = np.full(T, pos[0] + T, np.int64)
+    if not contiguous:  # a batch of a few sequences: O(T^2) is nothing
+        for t in range(T):
+            e = pos[t] + 1
+            for u in range(T):
+                if seq[u] == seq[t] and pos[u] + 1 > e:
+                    e = pos[u] + 1
+            kv_end[t] = e
+    return kv_end, contiguous
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
 def _cap(trace_off, trace_buf, stage, layer, a):
     """Copy a (T, W) into trace_buf at trace_off[stage, layer] when that stage is traced (offset >= 0)."""
@@ -210,28 +238,9 @@ def forward(tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits, layer_
     eps = fp[EPS]
     trace_off, trace_buf, layer_fault, rope_cos_alt, rope_sin_alt, eps_alt = dbg
     T = tokens.shape[0]
-    L = cfg[N_LAYER]
-    D = cfg[N_EMBD]
-    n_head = cfg[N_HEAD]
-    n_kv = cfg[N_HEAD_KV]
-    hd = cfg[HEAD_DIM]
-    n_ff = cfg[N_FF]
-    q_dim = n_head * hd
-    kv_dim = n_kv * hd
-    n_rep = n_head // n_kv
+    L, D, n_head, n_kv, hd, n_ff, q_dim, kv_dim, n_rep = dims(cfg)
     # kv_end[t]: positions of sequence seq[t] cached after this call; nk: the widest (the trace's key axis)
-    contiguous = True  # one sequence at consecutive positions (a prefill): the BLAS attention path applies
-    for t in range(T):
-        if seq[t] != seq[0] or pos[t] != pos[0] + t:
-            contiguous = False
-    kv_end = np.full(T, pos[0] + T, np.int64)
-    if not contiguous:  # a batch of a few sequences: O(T^2) is nothing
-        for t in range(T):
-            e = pos[t] + 1
-            for u in range(T):
-                if seq[u] == seq[t] and pos[u] + 1 > e:
-                    e = pos[u] + 1
-            kv_end[t] = e
+    kv_end, contiguous = kv_ends(pos, seq)  # contiguous: a prefill, the BLAS attention path applies
     nk = kv_end.max()
     pos0 = pos[0]
     blas_attn = contiguous and T >= BLAS_MIN_T

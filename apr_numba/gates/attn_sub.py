@@ -194,9 +194,11 @@ def attn_sub_004(ctx, *, drop=()) -> Measured:
 
 
 def attn_sub_005(ctx, *, alias_kv: bool = False, n: int = 8) -> Measured:
-    """Greedy decoding of n tokens twice from the same prompt: once plain (``Model.eval``), once with every stage of
-    the first and last layer plus final_norm captured at every step (the forward's trace table, as ``apr-numba
-    trace`` fills it). Tokens and the logits' bytes must be identical at every step. Value: steps that differ.
+    """Greedy decoding of n tokens twice from the same prompt through the traceable forward
+    (``cpu_forward.forward``): once with an empty trace table, once with every stage of the first and last layer
+    plus final_norm captured at every step (as ``apr-numba trace`` fills it). Tokens and the logits' bytes must be
+    identical at every step. Value: steps that differ. (Untraced short calls run the persistent-worker decode,
+    the same arithmetic compiled apart: equal to float32 rounding, tests/test_workers.py.)
 
     Injection: ``alias_kv`` points the capture buffer at the KV cache's memory (a capture that writes into the
     model's state)."""
@@ -225,8 +227,8 @@ def attn_sub_005(ctx, *, alias_kv: bool = False, n: int = 8) -> Measured:
                         raise RuntimeError("KV cache too small to alias the capture buffer")
                     buf = st.k.reshape(-1)[:buf.size]
                 m.forward_into(np.asarray(ids, np.int64), logits, m.no_capture, st, m.debug_args(off, buf))
-            else:
-                m.forward_into(np.asarray(ids, np.int64), logits, m.no_capture, st)
+            else:  # a fresh default dbg tuple: the traceable forward with nothing traced
+                m.forward_into(np.asarray(ids, np.int64), logits, m.no_capture, st, m.debug_args())
             st.n_past += T
             tok = int(np.argmax(logits[-1]))
             out.append(tok)
