@@ -139,14 +139,23 @@ def test_tiny_arch_workers_equal_forward(name):
     workers_equal_forward(load(ARCH / f"{name}.gguf", backend="cpu", n_ctx=32, warmup=False))
 
 
-def test_smollm2_workers_equal_forward_f32_and_int8(monkeypatch):
+def test_smollm2_workers_equal_forward_f32_and_int8_and_load_activations(monkeypatch):
     if not SMOLLM.is_file():
         pytest.skip(f"needs {SMOLLM.name}")
     workers_equal_forward(load(SMOLLM, backend="cpu", n_ctx=32, warmup=False))
-    monkeypatch.setenv("APR_NUMBA_ACTIVATIONS", "int8")
-    model = load(SMOLLM, backend="cpu", n_ctx=32, warmup=False)
+    model = load(SMOLLM, backend="cpu", n_ctx=32, warmup=False, activations="int8")
     assert int(model.weights.kernel_args()[0][0][0]) >= 5  # the VNNI families (quants/blocks.py FAMILY_U4V..)
     workers_equal_forward(model, seed=1)
+    monkeypatch.setenv("APR_NUMBA_ACTIVATIONS", "int8")  # the environment: the default when load is not told
+    assert int(load(ARCH / "llama3.gguf", n_ctx=32, warmup=False).weights.kernel_args()[0][0][0]) >= 5
+    assert int(load(ARCH / "llama3.gguf", n_ctx=32, warmup=False, activations="f32").weights.kernel_args()[0][0][0]) < 5
+
+
+def test_load_refuses_an_unknown_activation_mode():
+    from apr_numba.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="int8"):
+        load(ARCH / "llama3.gguf", n_ctx=32, warmup=False, activations="int4")
 
 
 def test_eval_takes_the_worker_path_and_traced_calls_do_not(monkeypatch):

@@ -3,23 +3,25 @@
 :func:`~apr_numba.backends.cpu_forward.forward` opens a Numba parallel region for each matrix product (TBB
 launches and joins it: ~10-15 us each), so a decode step of a 30-layer model pays for ~100 of them, and the
 small products (Q, K, V, the attention output of smollm2) ran on one core because a region cost more than they
-did. :func:`forward_workers` runs the same decoder step (same kernels, same order of operations, so the same
-float32 results) inside ONE ``prange`` over the workers. Each step of the layer is a list of tasks claimed
-from an atomic counter, and a worker moves on when the step's tasks are all done (:mod:`apr_numba.kernels.sync`,
+did. :func:`forward_workers` runs the same decoder step (the same kernels in the same order, so the same
+float32 results up to rounding) inside ONE ``prange`` over the workers. Each step of the layer is a list of
+tasks claimed from an atomic counter, and a worker moves on when the step's tasks are all done
+(:mod:`apr_numba.kernels.sync`,
 llama.cpp's threadpool with ``ggml_barrier`` in ``ggml-cpu.c``). Per layer::
 
-    single: x += o (post-norm), h = rmsnorm(x) * attn_norm (int8 blocks of h)     # post_ffn_residual, attn_norm
+    rows:   x += o (post-norm), h = rmsnorm(x) * attn_norm (int8 blocks of h)     # post_ffn_residual, attn_norm
     tasks:  qkv = h @ [Wq; Wk; Wv].T          one per row group                     # qkv_matmul
-    single: + bias, QK-norm, RoPE, K/V into the cache                               # qkv_bias .. k_post_rope
+    rows:   + bias, QK-norm, RoPE, K/V into the cache                               # qkv_bias .. k_post_rope
     tasks:  attention, one per (token, query head)                                  # attention
-    single: int8 blocks of the attention output (int8 mode only)
+    rows:   int8 blocks of the attention output (int8 mode only)
     tasks:  o = att @ Wo.T                                                          # attn_out
-    single: post-norm, x += o, h = rmsnorm(x) * ffn_norm                            # post_attn_residual, ffn_norm
+    rows:   post-norm, x += o, h = rmsnorm(x) * ffn_norm                            # post_attn_residual, ffn_norm
     tasks:  gu = h @ [Wg; Wu].T                                                     # ffn_gate, ffn_up
-    single: act = silu(g) * u  (or gelu_tanh)                                       # ffn_swigl
+    rows:   act = silu(g) * u  (or gelu_tanh)                                       # ffn_swigl
     tasks:  o = act @ Wd.T                                                          # ffn_out
 
-then the final norm and the LM head. The tasks are the ones the region-per-product path runs
+("rows": one task per token row, so a batched decode step spreads them too), then the final norm and the LM
+head. The tasks are the ones the region-per-product path runs
 (:func:`~apr_numba.kernels.matmul.product_task`, :func:`~apr_numba.kernels.attention.attention_task`), so there
 is one definition of each piece of arithmetic; this module only orders them. The two paths agree to float32
 rounding (compiled into different callers, fast-math may reassociate a sum differently); any number of workers
@@ -89,12 +91,6 @@ def run_forward(tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits, ca
         forward(tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits, cap, dbg)
 
 
-@njit(fastmath=FASTMATH, nogil=True, cache=True)
-def _single(ctr, s):
-    """True for the one worker that runs single-task step ``s`` (it must call ``finish(ctr, s)``)."""
-    return claim(ctr, s) == 0
-
-
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True, boundscheck=False)
 def _products(ctr, s, out, X, w0, w1, w2, n_mats, xq):
     """Claim and run product tasks of step ``s`` until none are left, then wait for the step to finish."""
@@ -108,9 +104,11 @@ def _products(ctr, s, out, X, w0, w1, w2, n_mats, xq):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True, boundscheck=False)
-def _quantize(xq, X, q8):
+def _quantize_row(xq, X, t, q8):
+    """Row t of X into its int8 blocks (:func:`~apr_numba.kernels.vnni.quantize_x8`) when ``q8``."""
     if q8:
-        quantize_x8(X, xq[0], xq[1], xq[2], xq[3])
+        r = slice(t, t + 1)
+        quantize_x8(X[r], xq[0][r], xq[1][r], xq[2][r], xq[3][r])
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True)
@@ -148,9 +146,9 @@ def _scratch(tokens, pos, seq, cfg, mats, logits):
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True, boundscheck=False)
 def _worker(ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits,
             layer_out):
-    """One worker's walk through the steps of :func:`forward_workers` (the body of its ``prange``: a function
-    of its own, so that Numba's parfor passes see a one-line loop body; measured: the cold compile of the
-    worker path 50 -> XX s)."""
+    """One worker's walk through the steps of :func:`forward_workers` (the body of its ``prange``, a function
+    of its own: a parfor takes no nested tuples of arrays and its passes stay on a one-line loop body). The
+    row-wise steps (norms, RoPE and the KV write, the activation, int8 blocks) are one task per token row."""
     (mats, embd_raw, embd_type, attn_norm, ffn_norm, bias_qkv, output_norm, q_norm, k_norm, pa_norm, pf_norm,
      experts) = w
     rope_cos_all, rope_sin_all, rope_layer, layer_window = rope
@@ -164,40 +162,45 @@ def _worker(ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp,
     s = np.int64(0)
     for layer in range(L):
         m0 = 7 * layer
-        # the previous layer's FFN residual (or the embedding), then attn_norm
-        if _single(ctr, s):
+        # the previous layer's FFN residual (or the embedding), then attn_norm; one task per token row
+        t = claim(ctr, s)
+        while t < T:
+            r = slice(t, t + 1)
             if layer == 0:
-                embed_tokens(x, embd_raw, tokens, embd_type)
+                embed_tokens(x[r], embd_raw, tokens[r], embd_type)
                 if fp[EMBED_SCALE] != 1.0:
-                    scale_inplace(x, np.float32(fp[EMBED_SCALE]))
+                    scale_inplace(x[r], np.float32(fp[EMBED_SCALE]))
             else:
                 if cfg[POST_FFN_NORM]:
-                    rmsnorm(o, o, pf_norm[layer - 1], eps)
-                add_inplace(x, o)
+                    rmsnorm(o[r], o[r], pf_norm[layer - 1], eps)
+                add_inplace(x[r], o[r])
                 if layer_out.shape[0] > 0:
-                    layer_out[layer - 1] = x
-            rmsnorm(h, x, attn_norm[layer], eps)
-            _quantize(xq_d, h, q8_d)
+                    layer_out[layer - 1, t] = x[t]
+            rmsnorm(h[r], x[r], attn_norm[layer], eps)
+            _quantize_row(xq_d, h, t, q8_d)
             finish(ctr, s)
-        wait_done(ctr, s, 1)
+            t = claim(ctr, s)
+        wait_done(ctr, s, T)
         s += 1
         _products(ctr, s, qkv, h, mats[m0], mats[m0 + 1], mats[m0 + 2], np.int64(3), xq_d)
         s += 1
-        if _single(ctr, s):
+        t = claim(ctr, s)  # bias, QK-norm, RoPE, the KV cache write: per token row
+        while t < T:
+            r = slice(t, t + 1)
             if cfg[HAS_BIAS]:
                 b = bias_qkv[layer]
-                for t in range(T):
-                    for i in range(q_dim + 2 * kv_dim):
-                        qkv[t, i] += b[i]
+                for i in range(q_dim + 2 * kv_dim):
+                    qkv[t, i] += b[i]
             if cfg[QK_NORM]:
-                rmsnorm_heads(qkv, 0, n_head, hd, q_norm[layer], eps)
-                rmsnorm_heads(qkv, q_dim, n_kv, hd, k_norm[layer], eps)
+                rmsnorm_heads(qkv[r], 0, n_head, hd, q_norm[layer], eps)
+                rmsnorm_heads(qkv[r], q_dim, n_kv, hd, k_norm[layer], eps)
             rc, rsn = rope_cos_all[rope_layer[layer]], rope_sin_all[rope_layer[layer]]
-            rope_inplace(qkv, 0, n_head, hd, pos, rc, rsn, cfg[ROPE_TYPE])
-            rope_inplace(qkv, q_dim, n_kv, hd, pos, rc, rsn, cfg[ROPE_TYPE])
-            store_kv(k_cache, v_cache, layer, seq, pos, qkv, q_dim, kv_dim)
+            rope_inplace(qkv[r], 0, n_head, hd, pos[r], rc, rsn, cfg[ROPE_TYPE])
+            rope_inplace(qkv[r], q_dim, n_kv, hd, pos[r], rc, rsn, cfg[ROPE_TYPE])
+            store_kv(k_cache, v_cache, layer, seq[r], pos[r], qkv[r], q_dim, kv_dim)
             finish(ctr, s)
-        wait_done(ctr, s, 1)
+            t = claim(ctr, s)
+        wait_done(ctr, s, T)
         s += 1
         n_at = T * n_head
         i = claim(ctr, s)
@@ -208,47 +211,60 @@ def _worker(ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp,
             i = claim(ctr, s)
         wait_done(ctr, s, n_at)
         s += 1
-        if _single(ctr, s):
-            _quantize(xq_o, att, q8_o)
-            finish(ctr, s)
-        wait_done(ctr, s, 1)
+        if q8_o:  # int8 blocks of the attention output (every worker knows q8_o: all skip the step alike)
+            t = claim(ctr, s)
+            while t < T:
+                _quantize_row(xq_o, att, t, q8_o)
+                finish(ctr, s)
+                t = claim(ctr, s)
+            wait_done(ctr, s, T)
         s += 1
         _products(ctr, s, o, att, mats[m0 + 3], mats[m0 + 3], mats[m0 + 3], np.int64(1), xq_o)
         s += 1
-        if _single(ctr, s):
+        t = claim(ctr, s)  # post-norm, residual, ffn_norm
+        while t < T:
+            r = slice(t, t + 1)
             if cfg[POST_ATTN_NORM]:
-                rmsnorm(o, o, pa_norm[layer], eps)
-            add_inplace(x, o)
-            rmsnorm(h, x, ffn_norm[layer], eps)
-            _quantize(xq_d, h, q8_d)
+                rmsnorm(o[r], o[r], pa_norm[layer], eps)
+            add_inplace(x[r], o[r])
+            rmsnorm(h[r], x[r], ffn_norm[layer], eps)
+            _quantize_row(xq_d, h, t, q8_d)
             finish(ctr, s)
-        wait_done(ctr, s, 1)
+            t = claim(ctr, s)
+        wait_done(ctr, s, T)
         s += 1
         _products(ctr, s, gu, h, mats[m0 + 4], mats[m0 + 5], mats[m0 + 5], np.int64(2), xq_d)
         s += 1
-        if _single(ctr, s):
+        t = claim(ctr, s)  # SwiGLU / GeGLU
+        while t < T:
+            r = slice(t, t + 1)
             if cfg[ACT] == 1:
-                geglu(act, gu, n_ff)
+                geglu(act[r], gu[r], n_ff)
             else:
-                swiglu(act, gu, n_ff)
-            _quantize(xq_f, act, q8_f)
+                swiglu(act[r], gu[r], n_ff)
+            _quantize_row(xq_f, act, t, q8_f)
             finish(ctr, s)
-        wait_done(ctr, s, 1)
+            t = claim(ctr, s)
+        wait_done(ctr, s, T)
         s += 1
         _products(ctr, s, o, act, mats[m0 + 6], mats[m0 + 6], mats[m0 + 6], np.int64(1), xq_f)
         s += 1
-    # the last FFN residual, the final norm, the LM head
-    if _single(ctr, s):
+    # the last FFN residual, the final norm of the last n_out rows, the LM head
+    t = claim(ctr, s)
+    while t < T:
+        r = slice(t, t + 1)
         if cfg[POST_FFN_NORM]:
-            rmsnorm(o, o, pf_norm[L - 1], eps)
-        add_inplace(x, o)
+            rmsnorm(o[r], o[r], pf_norm[L - 1], eps)
+        add_inplace(x[r], o[r])
         if layer_out.shape[0] > 0:
-            layer_out[L - 1] = x
-        if n_out > 0:
-            rmsnorm(hf, x[T - n_out:], output_norm, eps)
-            _quantize(xq_h, hf, q8_h)
+            layer_out[L - 1, t] = x[t]
+        j = t - (T - n_out)
+        if j >= 0:
+            rmsnorm(hf[j:j + 1], x[r], output_norm, eps)
+            _quantize_row(xq_h, hf, j, q8_h)
         finish(ctr, s)
-    wait_done(ctr, s, 1)
+        t = claim(ctr, s)
+    wait_done(ctr, s, T)
     s += 1
     if n_out > 0:
         _products(ctr, s, logits, hf, head, head, head, np.int64(1), xq_h)

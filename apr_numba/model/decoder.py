@@ -20,58 +20,11 @@ from apr_numba.errors import ArgumentError, ModelFormatError
 from apr_numba.kernels.rope import spec_rope_tables
 from apr_numba.model import plan
 from apr_numba.model.hparams import ModelConfig, check_n_ctx
+from apr_numba.model.kv_state import KVState, _record_tokens, cached_tokens  # noqa: F401 (re-exported)
 from apr_numba.model.weights import ModelWeights, load_weights
 
 DEFAULT_N_CTX = 4096
 BACKENDS = ("auto", "cpu", "opencl")
-
-
-@dataclass
-class KVState:
-    """A KV cache and how many positions it holds (llama.cpp's ``llama_kv_cache`` + ``n_past``).
-
-    k, v: float32 (n_layer, n_ctx, kv_dim). A model owns one; probes and shadows make their own
-    (:meth:`Model.new_state`) so they never touch the user's cache. ``tokens``: the ids
-    :meth:`Model.eval` appended, so that a later prompt sharing a prefix with them reuses its K/V
-    (:func:`cached_tokens`); positions past ``n_past`` are stale and get overwritten.
-
-    ``stack``, ``index``: for states made together by :meth:`Model.new_states`, the (K, V) float32
-    (n_seq, n_layer, n_ctx, kv_dim) arrays whose row ``index`` are this state's k and v (llama.cpp's one KV
-    cache with a ``seq_id`` per cell), so that :meth:`Model.eval_batch` runs them in one forward.
-    """
-
-    k: np.ndarray
-    v: np.ndarray
-    n_past: int = 0
-    tokens: list[int] | None = field(default_factory=list)
-    stack: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    index: int = 0
-
-    @property
-    def n_ctx(self) -> int:
-        """Positions the cache can hold."""
-        return self.k.shape[1]
-
-
-def cached_tokens(state) -> list[int]:
-    """The token ids whose K/V ``state`` holds at positions 0..n_past-1 ([] when not known, e.g. after a
-    caller advanced ``n_past`` past :meth:`Model.eval`'s record)."""
-    t = getattr(state, "tokens", None)
-    if t is None or len(t) < state.n_past:
-        return []
-    return t[:state.n_past]
-
-
-def _record_tokens(state, toks: np.ndarray) -> None:
-    """Append ``toks`` at position n_past to the state's token record (called before n_past advances)."""
-    t = getattr(state, "tokens", None)
-    if state.n_past == 0:
-        state.tokens = toks.tolist()
-    elif t is not None and len(t) >= state.n_past:
-        del t[state.n_past:]
-        t.extend(toks.tolist())
-    else:
-        state.tokens = None  # unknown history: never reused
 
 
 @dataclass
@@ -432,7 +385,7 @@ class Model:
 
 def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | None = None,
          progress: bool = False, warmup: bool = True, device: int | None = None, no_gpu: bool = False,
-         opencl_fault: str | None = None) -> Model:
+         opencl_fault: str | None = None, activations: str | None = None) -> Model:
     """Load a model for inference.
 
     Args:
@@ -451,9 +404,12 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
         progress: show a progress bar while packing weights.
         warmup: run one token through the forward so the kernels are compiled / loaded from Numba's
             cache before the first real call (its time is ``load_stats.extra['warmup_s']``).
+        activations: CPU products with "f32" activations (exact; default: ``$APR_NUMBA_ACTIVATIONS``, else
+            f32) or "int8" (quantized to blocks of 32 as llama.cpp does, AVX-512 VNNI dot products).
 
     Raises:
-        ArgumentError: unknown model name or backend, bad threads/n_ctx/device, no_gpu with "opencl".
+        ArgumentError: unknown model name, backend or activations, bad threads/n_ctx/device, no_gpu with
+            "opencl".
         ModelFormatError: the file is missing, malformed, truncated, of an unsupported architecture, or an
             encoder directory (use :func:`apr_numba.load_encoder`; ``load`` always returns a decoder).
         PullError: a registry model could not be fetched.
@@ -468,6 +424,12 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
         backend = "cpu"
     from apr_numba.hub.pull import resolve_model
     from apr_numba.model.tokenizer import Tokenizer
+    from apr_numba.quants.vnni_pack import activation_mode, packing_for
+
+    try:
+        activations = activation_mode(activations)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
 
     _config.configure_threading()
     nthreads = _config.set_threads(threads)
@@ -493,7 +455,8 @@ def load(model, backend: str = "auto", threads: int | None = None, n_ctx: int | 
 
     # a cold kernel cache: the products compile in a second process while this one packs and compiles the rest
     bg = precompile.start() if warmup else None
-    weights = load_weights(src, spec, progress=progress)
+    with packing_for(activations):
+        weights = load_weights(src, spec, progress=progress)
     if hasattr(src, "release_pages"):
         src.release_pages()  # the packed copy is what runs: don't keep the file's pages resident too
     t3 = time.perf_counter()

@@ -14,6 +14,7 @@ with other than 16 or 32 codes per block) keep the float path in either mode.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -33,16 +34,37 @@ ACTIVATIONS_ENV = "APR_NUMBA_ACTIVATIONS"
 ACTIVATION_MODES = ("f32", "int8")
 
 
+_CHOSEN: list[str | None] = [None]  # the mode of the load in progress (packing_for), else None
+
+
 def activation_mode(mode: str | None = None) -> str:
-    """``mode`` if given, else ``$APR_NUMBA_ACTIVATIONS``, else ``"f32"``.
+    """``mode`` if given, else that of the enclosing :func:`packing_for`, else ``$APR_NUMBA_ACTIVATIONS``, else
+    ``"f32"``.
 
     Raises:
         ValueError: for anything but ``f32`` or ``int8``.
     """
-    v = (mode if mode is not None else os.environ.get(ACTIVATIONS_ENV, "")).strip().lower() or "f32"
+    if mode is None:
+        mode = _CHOSEN[0] if _CHOSEN[0] is not None else os.environ.get(ACTIVATIONS_ENV, "")
+    v = mode.strip().lower() or "f32"
     if v not in ACTIVATION_MODES:
         raise ValueError(f"{ACTIVATIONS_ENV} (activations) must be one of {ACTIVATION_MODES}, got {v!r}")
     return v
+
+
+@contextlib.contextmanager
+def packing_for(mode: str | None):
+    """Within the block, matrices are packed for ``activation_mode(mode)`` (``load(activations=...)``).
+
+    Raises:
+        ValueError: a mode other than f32 / int8 (on entering).
+    """
+    old = _CHOSEN[0]
+    _CHOSEN[0] = activation_mode(mode)
+    try:
+        yield _CHOSEN[0]
+    finally:
+        _CHOSEN[0] = old
 
 
 def add_activation_arg(parser) -> None:
