@@ -98,6 +98,29 @@ def configure_threading() -> str:
     return "default"
 
 
+_THREADS_LAUNCHED = False
+
+
+def launch_threads() -> None:
+    """Choose the threading layer (:func:`configure_threading`) and start Numba's thread pool now.
+
+    Needed before the first call of any cached kernel: Numba registers the pool's entry points
+    (``do_scheduling`` ...) with the JIT only when the pool starts, and a cached function that reaches a
+    ``parallel=True`` kernel through another cached function does not always carry the hook that starts it
+    (it is inherited only when the parallel callee was compiled, not loaded, in the process that compiled the
+    caller). Such a function, called first in a fresh process, jumped to address 0 (seen: a segfault in
+    ``matmul`` in a process whose first kernel call it was). ``apr_numba.kernels`` calls this on import.
+    """
+    global _THREADS_LAUNCHED
+    if _THREADS_LAUNCHED:
+        return
+    from numba.np.ufunc.parallel import _launch_threads
+
+    configure_threading()
+    _launch_threads()
+    _THREADS_LAUNCHED = True
+
+
 def limit_blas_threads(n: int | None = None) -> int:
     """Hold every OpenBLAS pool of the process to ``n`` threads (default ``$APR_NUMBA_BLAS_THREADS``, else 1).
 

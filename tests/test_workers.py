@@ -134,9 +134,29 @@ def workers_equal_forward(model, seed: int = 0) -> None:
     assert np.isfinite(want_outs[-1][0]).all() and np.abs(want_outs[-1][1]).max() > 0
 
 
+@pytest.mark.parametrize("activations", ["f32", "int8"])
 @pytest.mark.parametrize("name", ["llama-spm", "llama3", "qwen3", "gemma3"])
-def test_tiny_arch_workers_equal_forward(name):
-    workers_equal_forward(load(ARCH / f"{name}.gguf", backend="cpu", n_ctx=32, warmup=False))
+def test_tiny_arch_workers_equal_forward(name, activations):
+    model = load(ARCH / f"{name}.gguf", backend="cpu", n_ctx=32, warmup=False, activations=activations)
+    fams = {int(t[0]) for t in model.weights.kernel_args()[0]}
+    assert all(f >= 5 for f in fams) if activations == "int8" else all(f < 5 for f in fams), fams
+    workers_equal_forward(model)
+
+
+def test_workers_with_layers_of_mixed_activation_layouts():
+    """A file may mix types across layers, so one layer's products take int8 blocks and the next float rows:
+    layer 0 of an int8 model gets the float layout back (quants/blocks.py: families < FAMILY_U4V), so that the
+    int8 blocks the later layers need are not decided by the first layer's matrices."""
+    from apr_numba.kernels.matmul import packed_list
+
+    f32 = load(ARCH / "llama3.gguf", backend="cpu", n_ctx=32, warmup=False, activations="f32")
+    q8 = load(ARCH / "llama3.gguf", backend="cpu", n_ctx=32, warmup=False, activations="int8")
+    mats = [q8.weights.mats[i] for i in range(len(q8.weights.mats))]
+    mats[:7] = [f32.weights.mats[i] for i in range(7)]
+    q8.weights.mats = packed_list(mats)
+    fams = [int(m[0]) for m in mats]
+    assert max(fams[:7]) < 5 and min(fams[7:]) >= 5, fams
+    workers_equal_forward(q8, seed=2)
 
 
 def test_smollm2_workers_equal_forward_f32_and_int8_and_load_activations(monkeypatch):

@@ -113,7 +113,7 @@ def _quantize_row(xq, X, t, q8):
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True)
 def _scratch(tokens, pos, seq, cfg, mats, logits):
-    """(step counters, activation buffers, int8 flags, the int8 blocks of the four product inputs) of one
+    """(step counters, activation buffers, the int8 blocks of the four product inputs) of one
     :func:`forward_workers` call (tuples of arrays one level deep: a parfor takes no deeper nesting)."""
     T = tokens.shape[0]
     L, D, n_head, n_kv, hd, n_ff, q_dim, kv_dim, _ = dims(cfg)
@@ -127,24 +127,24 @@ def _scratch(tokens, pos, seq, cfg, mats, logits):
     act = np.empty((T, n_ff), np.float32)
     n_out = logits.shape[0]
     hf = np.empty((n_out, D), np.float32)
-    q8_d = needs_q8(mats[0], mats[1], mats[2], np.int64(3)) or needs_q8(mats[4], mats[5], mats[5], np.int64(2))
-    q8_o = needs_q8(mats[3], mats[3], mats[3], np.int64(1))
-    q8_f = needs_q8(mats[6], mats[6], mats[6], np.int64(1))
     head = mats[7 * L]
     q8_h = needs_q8(head, head, head, np.int64(1))
-    xq_d = q8_buffers(h, q8_d)
-    xq_o = q8_buffers(att, q8_o)
-    xq_f = q8_buffers(act, q8_f)
+    q8 = q8_h  # int8 blocks are needed when any matrix is a VNNI layout (layers may mix types)
+    for i in range(7 * L):
+        q8 = q8 or needs_q8(mats[i], mats[i], mats[i], np.int64(1))
+    xq_d = q8_buffers(h, q8)
+    xq_o = q8_buffers(att, q8)
+    xq_f = q8_buffers(act, q8)
     xq_h = q8_buffers(hf, q8_h)
     no_faults = np.zeros(N_FAULTS, np.int64)
     no_cap = np.zeros((0, 0, 0), np.float32)
     ctr = np.zeros(2 * (STEPS_PER_LAYER * L + 4), np.int64)
     bufs = (kv_end, x, h, o, qkv, att, gu, act, hf, no_faults, no_cap)
-    return ctr, bufs, (q8_d, q8_o, q8_f, q8_h), xq_d, xq_o, xq_f, xq_h
+    return ctr, bufs, xq_d, xq_o, xq_f, xq_h
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True, boundscheck=False)
-def _worker(ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits,
+def _worker(ctr, bufs, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits,
             layer_out):
     """One worker's walk through the steps of :func:`forward_workers` (the body of its ``prange``, a function
     of its own: a parfor takes no nested tuples of arrays and its passes stay on a one-line loop body). The
@@ -153,15 +153,20 @@ def _worker(ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp,
      experts) = w
     rope_cos_all, rope_sin_all, rope_layer, layer_window = rope
     kv_end, x, h, o, qkv, att, gu, act, hf, no_faults, no_cap = bufs
-    q8_d, q8_o, q8_f, q8_h = flags
     eps = fp[EPS]
     T = tokens.shape[0]
     L, _, n_head, n_kv, hd, n_ff, q_dim, kv_dim, n_rep = dims(cfg)
     n_out = logits.shape[0]
     head = mats[7 * L]
     s = np.int64(0)
+    q8_h = needs_q8(head, head, head, np.int64(1))
     for layer in range(L):
         m0 = 7 * layer
+        # which product inputs need int8 blocks: this layer's matrices (a file may mix types across layers)
+        q8_qkv = needs_q8(mats[m0], mats[m0 + 1], mats[m0 + 2], np.int64(3))
+        q8_o = needs_q8(mats[m0 + 3], mats[m0 + 3], mats[m0 + 3], np.int64(1))
+        q8_gu = needs_q8(mats[m0 + 4], mats[m0 + 5], mats[m0 + 5], np.int64(2))
+        q8_f = needs_q8(mats[m0 + 6], mats[m0 + 6], mats[m0 + 6], np.int64(1))
         # the previous layer's FFN residual (or the embedding), then attn_norm; one task per token row
         t = claim(ctr, s)
         while t < T:
@@ -177,7 +182,7 @@ def _worker(ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp,
                 if layer_out.shape[0] > 0:
                     layer_out[layer - 1, t] = x[t]
             rmsnorm(h[r], x[r], attn_norm[layer], eps)
-            _quantize_row(xq_d, h, t, q8_d)
+            _quantize_row(xq_d, h, t, q8_qkv)
             finish(ctr, s)
             t = claim(ctr, s)
         wait_done(ctr, s, T)
@@ -228,7 +233,7 @@ def _worker(ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp,
                 rmsnorm(o[r], o[r], pa_norm[layer], eps)
             add_inplace(x[r], o[r])
             rmsnorm(h[r], x[r], ffn_norm[layer], eps)
-            _quantize_row(xq_d, h, t, q8_d)
+            _quantize_row(xq_d, h, t, q8_gu)
             finish(ctr, s)
             t = claim(ctr, s)
         wait_done(ctr, s, T)
@@ -282,10 +287,10 @@ def forward_workers(tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits
     unless it is a (0, 0, 0) array. The results are the same bits whatever the number of workers (each output
     element is computed by exactly one task) and ``forward``'s to float32 rounding.
     """
-    ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h = _scratch(tokens, pos, seq, cfg, w[0], logits)
+    ctr, bufs, xq_d, xq_o, xq_f, xq_h = _scratch(tokens, pos, seq, cfg, w[0], logits)
     n_out = logits.shape[0]
     for wk in prange(n_workers):  # noqa: B007 - the worker index is not needed: tasks are claimed
-        _worker(ctr, bufs, flags, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits,
+        _worker(ctr, bufs, xq_d, xq_o, xq_f, xq_h, tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits,
                 layer_out)
     if n_out > 0 and fp[FINAL_SOFTCAP] > 0.0:
         softcap_inplace(logits, np.float32(fp[FINAL_SOFTCAP]))
