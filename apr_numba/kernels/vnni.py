@@ -189,7 +189,7 @@ _dot_i32_1 = _make_block_intrinsic("i8_32", 1)
 _dot_i32_4 = _make_block_intrinsic("i8_32", 4)
 
 
-@njit(fastmath=FASTMATH, nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)  # strict IEEE on purpose: see the docstring
 def quantize_x8(X, XW, DX, XS, XI):
     """Quantize activations as ggml's ``quantize_row_q8_0``: per block of 32, ``d = amax / 127``, ``q = round(x/d)``.
 
@@ -197,6 +197,11 @@ def quantize_x8(X, XW, DX, XS, XI):
     order), DX (T, cols/32) float32 scales, XS (T, cols/16) float32 ``d * sum(q)`` per 16 values (the
     offset term of types with a min) and XI (T, cols/16) int32 ``sum(q)`` per 16 (the I8V bias correction).
     Rounding is half away from zero (``roundf``, as ggml's scalar reference).
+
+    Compiled without fast-math: with ``arcp`` / ``contract`` LLVM may turn ``amax / 127`` into a multiply by a
+    rounded reciprocal, or fuse ``x * inv + 0.5``, differently in each caller it is inlined into, and a code at
+    a rounding tie then differs between two callers (seen: the region forward and the worker decode disagreeing
+    by ~1e-3 on smollm2's int8 logits in one long test process). Strict IEEE gives gguf-py's codes everywhere.
     """
     T, C = X.shape
     codes = XW.view(np.int8)
