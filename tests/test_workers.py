@@ -200,3 +200,20 @@ def test_eval_takes_the_worker_path_and_traced_calls_do_not(monkeypatch):
     monkeypatch.setenv("APR_NUMBA_WORKERS", "0")
     model.eval([6])
     assert calls == [1, 1]
+
+
+def test_small_calls_run_on_one_worker():
+    """Calls whose layers are below MIN_LAYER_MACS skip the cross-core synchronisation (gate WS-001's minimal
+    model); real models use every thread."""
+    import numba
+
+    from apr_numba.backends.cpu_decode import MIN_LAYER_MACS, n_workers_for
+    from apr_numba.gates.ws import minimal_model
+
+    model = load(ARCH / "llama3.gguf", backend="cpu", n_ctx=32, warmup=False)
+    c = model.config
+    layer = c.n_embd * (c.n_head + 2 * c.n_head_kv) * c.head_dim + c.n_head * c.head_dim * c.n_embd \
+        + 3 * c.n_embd * c.n_ff  # Q, K, V, output and the three FFN products, counted by hand
+    assert n_workers_for(1, model._cfg) == (1 if layer < MIN_LAYER_MACS else numba.get_num_threads())
+    assert n_workers_for(64, model._cfg) == numba.get_num_threads()
+    assert n_workers_for(1, minimal_model(model, n_ctx=16)._cfg) == 1

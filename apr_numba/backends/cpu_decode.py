@@ -48,7 +48,12 @@ from apr_numba.backends.cpu_forward import (
     EPS,
     FINAL_SOFTCAP,
     HAS_BIAS,
+    HEAD_DIM,
+    N_EMBD,
     N_EXPERT,
+    N_FF,
+    N_HEAD,
+    N_HEAD_KV,
     POST_ATTN_NORM,
     POST_FFN_NORM,
     QK_NORM,
@@ -67,6 +72,9 @@ from apr_numba.kernels.vnni import quantize_x8
 from apr_numba.runtime import FASTMATH
 
 STEPS_PER_LAYER = 10
+# Below this many multiply-adds per layer and call, one worker runs the call (no cross-core synchronisation):
+# the break-even of ~10 us of synchronisation per layer against halving the products (~14 GMAC/s a core).
+MIN_LAYER_MACS = 300_000
 
 
 def enabled() -> bool:
@@ -80,13 +88,23 @@ def applies(n_tokens: int, cfg: tuple, dbg: tuple, no_debug: tuple) -> bool:
     return enabled() and n_tokens < BLAS_MIN_T and int(cfg[N_EXPERT]) == 0 and dbg is no_debug
 
 
+def n_workers_for(n_tokens: int, cfg: tuple) -> int:
+    """Workers for a call of ``n_tokens``: all of Numba's threads, or 1 when a layer's products are under
+    :data:`MIN_LAYER_MACS` multiply-adds for the call (each of a layer's 10 steps costs ~1 us of cross-core
+    synchronisation with 2 workers; measured with gate WS-001's minimal model, AMD EPYC: 0.50 ms a step on 1
+    worker, 0.76-0.82 on 2)."""
+    D, n_head, n_kv, hd, n_ff = (int(cfg[i]) for i in (N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF))
+    layer = D * (n_head + 2 * n_kv) * hd + n_head * hd * D + 3 * D * n_ff
+    return 1 if n_tokens * layer < MIN_LAYER_MACS else numba.get_num_threads()
+
+
 def run_forward(tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits, cap, dbg, no_debug) -> None:
     """One CPU forward call with :func:`~apr_numba.backends.cpu_forward.forward`'s arguments (``cap`` is its
-    ``layer_out``): :func:`forward_workers` on ``numba.get_num_threads()`` workers when :func:`applies` (``dbg``
+    ``layer_out``): :func:`forward_workers` on :func:`n_workers_for` workers when :func:`applies` (``dbg``
     is the model's default ``no_debug``), else ``forward``."""
     if applies(tokens.shape[0], cfg, dbg, no_debug):
         forward_workers(tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits, cap,
-                        np.int64(numba.get_num_threads()))
+                        np.int64(n_workers_for(tokens.shape[0], cfg)))
     else:
         forward(tokens, pos, seq, cfg, fp, w, rope, k_cache, v_cache, logits, cap, dbg)
 

@@ -109,7 +109,9 @@ def ws_001(ctx, *, step_hook=None) -> Measured:
     logits, unboxing of the same typed list of 7 x n_layer + 1 packed matrices and the same 4 x n_layer + 1
     parallel regions (``matmul3``; TBB/OpenMP fork-join) as the real model, with the arithmetic shrunk to
     a few thousand multiply-adds per layer (estimated from the model's MACs at the measured kernel rate and
-    reported). So the value is dispatch plus a negligible, stated compute remainder: an upper bound.
+    reported). So the value is dispatch plus a negligible, stated compute remainder: an upper bound. Since the
+    persistent-worker decode (backends/cpu_decode.py), a call this small runs on one worker
+    (``n_workers_for``); the real model's cross-core synchronisation is in its decode speed (bench/workers.py).
     """
     m = ctx.model
     steps = 96 if ctx.slow else 48
